@@ -1,0 +1,179 @@
+"""Base model resolution and 4-bit loading: the one module that knows about bitsandbytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from nli.default_model import DEFAULT_BASE_MODEL, SOURCE_MARKER, ensure_default_model
+from nli.errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["nf4", "none"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("nf4", "none")
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Identity of a base model: the name users give, plus a fingerprint of its contents."""
+
+    name: str
+    fingerprint: str
+
+
+@dataclass
+class LoadedBase:
+    """A loaded base model with its tokenizer and identity."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    ref: BaseModelRef
+    quantization: Quantization
+    device: torch.device
+    for_training: bool
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but no CUDA device is available")
+    if choice not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {choice!r} (expected auto, cpu or cuda)")
+    return torch.device(choice)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it, else fp32 (fp16 overflows in some layers)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16
+
+
+def resolve_base_model(name: str) -> tuple[str, BaseModelRef]:
+    """Map a base model name to what ``from_pretrained`` takes, and its identity.
+
+    ``name`` is the offline default alias, a local folder, or a Hugging Face hub id.
+    """
+    if name == DEFAULT_BASE_MODEL:
+        folder = ensure_default_model()
+        source = json.loads((folder / SOURCE_MARKER).read_text())
+        return str(folder), BaseModelRef(name, f"gguf-sha256:{source['gguf_sha256']}")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model folder (no config.json)")
+        return str(path), BaseModelRef(name, _folder_fingerprint(path))
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"base model {name!r} is not a model folder")
+    return name, BaseModelRef(name, _hub_fingerprint(name))
+
+
+def _folder_fingerprint(path: Path) -> str:
+    # Hashing gigabytes of weights at every start is too slow; the config plus the names and
+    # sizes of the weight files identify a checkpoint well enough to catch a wrong base.
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"folder-sha256:{digest.hexdigest()[:16]}"
+
+
+def _hub_fingerprint(name: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as exc:  # network, auth, missing repo: all mean "cannot load"
+        raise ModelLoadError(f"cannot resolve base model {name!r}: {exc}") from exc
+    revision = getattr(config, "_commit_hash", None)
+    return f"hub-revision:{revision}" if revision else "hub-revision:unknown"
+
+
+def load_tokenizer(source: str) -> Any:
+    """Load a tokenizer and make it ready for right-padded batches."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_base_model(
+    name: str = DEFAULT_BASE_MODEL,
+    *,
+    quantization: Quantization = "nf4",
+    device: str = "auto",
+    for_training: bool = False,
+) -> LoadedBase:
+    """Load a base model (NF4 with double quantization by default) and its tokenizer.
+
+    ``for_training`` applies the CPU AVX512-BF16 workaround (see
+    ``disable_cpu_inference_fast_path``); serving leaves it off because it costs speed.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r} (expected nf4 or none)")
+    target = resolve_device(device)
+    source, ref = resolve_base_model(name)
+    dtype = compute_dtype(target)
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": target}}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    logger.info("loading base model %s (%s) on %s", name, quantization, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load base model {name!r}: {exc}") from exc
+    model.eval()
+    if for_training:
+        disable_cpu_inference_fast_path(model)
+    return LoadedBase(model, tokenizer, ref, quantization, target, for_training)
+
+
+def disable_cpu_inference_fast_path(model: torch.nn.Module) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on every ``Linear4bit``; return the count.
+
+    Works around bitsandbytes 0.50 on CPUs with AVX512-BF16: the first eval-mode forward without
+    grad repacks 4-bit weights into an inference layout, after which training crashes on layers
+    with a bias ("a view of a leaf Variable ... in-place operation") or silently yields zero LoRA
+    gradients on layers without one. Costs inference speed, so only for training.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def is_4bit(model: torch.nn.Module) -> bool:
+    """True when the model holds bitsandbytes 4-bit layers."""
+    from bitsandbytes.nn import Linear4bit
+
+    return any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return cached allocator blocks to the driver after freeing tensors."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
