@@ -1,4 +1,4 @@
-"""Domain errors. The service maps each class to one HTTP status in one place (``app/errors.py``)."""
+"""Domain errors. The service maps each class to one HTTP status, in one place."""
 
 from __future__ import annotations
 

@@ -186,7 +186,7 @@ def _continuation_logits(
     causal_lm, hidden = _hidden_states(model, big, rows_names)
     head = causal_lm.get_output_embeddings()
     scores = torch.zeros(len(expanded), device=hidden.device)
-    for row, seq in enumerate(expanded):
+    for row in range(len(expanded)):
         label_seq = tokens.sequences[row % len(tokens.sequences)]
         start = len(prompts[row // len(tokens.sequences)]) - 1
         positions = hidden[row, start : start + len(label_seq)]
