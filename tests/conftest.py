@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
+# The offline default model is converted once into this ignored folder and reused across runs.
+os.environ.setdefault("NLI_CACHE_DIR", str(REPO / ".cache" / "nli-test"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 CHATML = (
@@ -124,6 +126,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "snli" / "dev.jsonl").is_file():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_base() -> object:
+    """The real offline default model (SmolLM2-135M-Instruct) in NF4 on CPU, loaded once."""
+    from nli.loading import load_base_model
+
+    return load_base_model(device="cpu")
 
 
 @pytest.fixture()
