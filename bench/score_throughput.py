@@ -61,9 +61,8 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}")
     print(f"{'batch':>6} {'pairs':>6} {'pairs/s':>9} {'ms/pair':>8}")
     for row in rows:
-        print(
-            f"{row['batch_size']:>6} {row['pairs']:>6} {row['pairs_per_s']:>9} {row['ms_per_pair']:>8}"
-        )
+        cells = (row["batch_size"], row["pairs"], row["pairs_per_s"], row["ms_per_pair"])
+        print("{:>6} {:>6} {:>9} {:>8}".format(*cells))
     print(json.dumps({"device": str(base.device), "name": device, "results": rows}))
 
 
