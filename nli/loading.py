@@ -42,13 +42,18 @@ class LoadedBase:
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
-    """``auto`` means CUDA when present, else CPU."""
+    """``auto`` means CUDA when present, else CPU; ``cuda:N`` picks one GPU (one per DDP rank)."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for, but no CUDA device is available")
-    if choice not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {choice!r} (expected auto, cpu or cuda)")
+    kind, _, index = choice.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"unknown device {choice!r} (expected auto, cpu, cuda or cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {choice!r} was asked for, but no CUDA device is available")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {choice!r} was asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+        )
     return torch.device(choice)
 
 
