@@ -32,7 +32,7 @@ PROMPT_FORMATS: dict[int, PromptFormat] = {
         version=1,
         # A one-line system message also keeps chat templates (SmolLM2's) from inserting their
         # ~30-token default system prompt: on CPU every token costs latency.
-        system="Classify the premise-hypothesis relation: entailment, neutral or contradiction.",
+        system="Answer entailment, neutral or contradiction.",
         user="Premise: {premise}\nHypothesis: {hypothesis}",
     ),
 }
