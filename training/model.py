@@ -1,0 +1,125 @@
+"""The model being trained: the 4-bit base, k-bit preparation, LoRA, and a label-logits forward."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+
+from nli.loading import LoadedBase, is_4bit, load_base_model
+from nli.scoring import EncodedBatch, LabelTokens, label_logits, label_tokens
+from training.config import LoraSettings, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LabelScoringModel(PeftModel):
+    """A ``PeftModel`` whose forward returns the ``[batch, 3]`` label logits of ``nli.scoring``.
+
+    The loss has to be computed inside ``forward``: under DDP only work that runs through the
+    wrapped module's forward has its gradients synchronised across ranks. Being a ``PeftModel``
+    keeps Trainer's adapter handling (checkpoints hold only adapter files; resume and best-model
+    loading use ``load_adapter``), and the saved folder is an ordinary PEFT LoRA adapter.
+    """
+
+    label_tokens: LabelTokens
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        last_index: torch.Tensor,
+        **_unused: Any,
+    ) -> torch.Tensor:
+        """Label logits at each row's answer position (the serving computation)."""
+        batch = EncodedBatch(input_ids, attention_mask, last_index)
+        return label_logits(self, batch, self.label_tokens)
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    """peft's ``LoraConfig`` for the settings."""
+    targets: str | list[str] = settings.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        # peft reads a lone string as a regex over full module paths, which a bare module name
+        # ("q_proj") never matches: treat it as a one-name list instead.
+        targets = [targets]
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_base(model: Any, settings: ModelConfig) -> Any:
+    """k-bit preparation and (optional) gradient checkpointing of a freshly loaded base."""
+    # Non-reentrant checkpointing needs no inputs that require grad (no embedding hook).
+    checkpoint_kwargs = {"use_reentrant": False}
+    if settings.prepare_kbit and is_4bit(model):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpoint_kwargs,
+        )
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def build_training_model(
+    model_cfg: ModelConfig, lora: LoraSettings, *, device: str
+) -> tuple[LoadedBase, LabelScoringModel]:
+    """Load the base for training (CPU AVX512-BF16 workaround on), prepare it, add LoRA."""
+    base = load_base_model(
+        model_cfg.base_model,
+        quantization=model_cfg.quantization,
+        device=device,
+        for_training=True,
+    )
+    tokens = label_tokens(base.tokenizer)
+    prepared = prepare_base(base.model, model_cfg)
+    peft_model = LabelScoringModel(prepared, lora_config(lora))
+    peft_model.label_tokens = tokens
+    # The folder path of a converted or cached model means nothing elsewhere; the manifest
+    # carries the real identity, this field is informational.
+    peft_model.peft_config["default"].base_model_name_or_path = base.ref.name
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info(
+        "LoRA r=%d on %s: %s trainable of %s parameters (%.3f%%)",
+        lora.r,
+        lora.target_modules,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    return base, peft_model
+
+
+def parameter_counts(model: PeftModel) -> dict[str, Any]:
+    """Trainable and total parameters as peft counts them (4-bit weights unpacked)."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return {
+        "total": int(total),
+        "trainable": int(trainable),
+        "trainable_percent": 100.0 * trainable / total,
+    }
+
+
+def lora_summary(model: PeftModel, settings: LoraSettings) -> dict[str, Any]:
+    """What the manifest records about the adapter."""
+    targets = getattr(model.peft_config["default"], "target_modules", None)
+    if isinstance(targets, set | list):
+        # peft may record one full path per layer; the module names say the same, shorter.
+        targets = sorted({name.rsplit(".", 1)[-1] for name in targets})
+    return {
+        "r": settings.r,
+        "alpha": settings.alpha,
+        "dropout": settings.dropout,
+        "target_modules": targets,
+        "requested_target_modules": settings.target_modules,
+    }
