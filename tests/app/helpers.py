@@ -156,3 +156,50 @@ def stop_server(process: subprocess.Popen[bytes], *, timeout: float = 30.0) -> i
             process.kill()
             process.wait()
     return int(process.returncode)
+
+
+def stream_request(
+    client: Any, path: str, *, content_type: str, chunks: Iterable[bytes], method: str = "POST"
+) -> tuple[int, int]:
+    """Send a chunked body straight to the ASGI app of an entered ``TestClient``.
+
+    (TestClient itself reads a whole body before calling the app.) Returns the status code and
+    how many chunks the app pulled before it answered.
+    """
+    iterator = iter(chunks)
+    pulled = 0
+    status: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        chunk = next(iterator, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"content-type", content_type.encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+
+    async def call() -> None:
+        await client.app(scope, receive, send)
+
+    client.portal.call(call)
+    return status[0], pulled
