@@ -1,0 +1,36 @@
+"""Random-weight models of real shapes, for speed work that needs no real weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Qwen2-1.5B's published shape (hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960,
+# vocab 151936, tied embeddings): the course report's model size.
+QWEN2_1_5B = dict(
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+
+
+def build_random_qwen2_1_5b(out: Path, tokenizer_source: str) -> Path:
+    """Save a random Qwen2-1.5B-shaped model with the given tokenizer (ids fit its vocab)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    config = Qwen2Config(
+        **QWEN2_1_5B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
