@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from nli.errors import AdapterConflictError, AdapterInvalidError, AdapterNotFoundError
-from nli.loading import LoadedBase, free_device_memory
+from nli.loading import LoadedBase, free_device_memory, keep_cpu_packed_weights
 from nli.manifest import AdapterManifest, check_base_model, read_manifest
 from nli.prompt import CURRENT_PROMPT_FORMAT, PairEncoder, get_prompt_format
 from nli.scoring import PEFT_BASE_ROW, collate, label_logits, label_tokens, plan_batches, split_peft
@@ -88,11 +88,13 @@ class NLIClassifier:
             try:
                 _, peft_model = split_peft(self.model)
                 if peft_model is None:
-                    self.model = PeftModel.from_pretrained(
-                        self.model, str(path), adapter_name=name, is_trainable=False
-                    )
+                    with keep_cpu_packed_weights(self.model):
+                        self.model = PeftModel.from_pretrained(
+                            self.model, str(path), adapter_name=name, is_trainable=False
+                        )
                 else:
-                    peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                    with keep_cpu_packed_weights(self.model):
+                        peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             except (ValueError, KeyError, RuntimeError, OSError) as exc:
                 self._drop_partial(name)
                 raise AdapterInvalidError(f"adapter {name!r} cannot be loaded: {exc}") from None

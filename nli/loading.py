@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -169,6 +171,40 @@ def disable_cpu_inference_fast_path(model: torch.nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count
+
+
+@contextlib.contextmanager
+def keep_cpu_packed_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Keep bitsandbytes' CPU inference layout intact through code that calls ``state_dict()``.
+
+    Works around bitsandbytes 0.50 on CPUs with AVX512-BF16: ``Linear4bit._save_to_state_dict``
+    converts repacked weights back with a lossy re-quantization of the double-quantized absmax
+    (``_convert_weight_packed_for_cpu_inverse``), and the next forward repacks them. PEFT's
+    ``load_adapter`` calls ``state_dict()``, so loading an adapter into a model that had already
+    run shifted every later score (up to ~5e-3 in probability) and broke "swap back == before".
+    The packed tensors and quant state are restored as they were. A no-op without bitsandbytes.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # e.g. an unquantized model on a machine without bitsandbytes
+        yield
+        return
+
+    saved = []
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                saved.append((module.weight, module.weight.data, state, dict(vars(state))))
+    try:
+        yield
+    finally:
+        for weight, data, state, fields in saved:
+            if not getattr(state, "packing_format_for_cpu", False):
+                weight.data = data
+                vars(state).clear()
+                vars(state).update(fields)
+            weight.quant_state = state  # type: ignore[attr-defined]
 
 
 def is_4bit(model: torch.nn.Module) -> bool:
