@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from app.logs import configure_logging
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
     )
     server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal to
+    # the handler it found installed: make that a no-op, so a clean shutdown exits 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _after_graceful_shutdown)
     server.run()
     if failures:
         logger.error("exiting: %s", failures[0])
@@ -78,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if not server.started:
         return EXIT_LOAD_FAILED
     return 0
+
+
+def _after_graceful_shutdown(signum: int, frame: object) -> None:
+    logger.info("stopped by signal %d", signum)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ async def _nli_error(request: Request, exc: Exception) -> JSONResponse:
     if error_type in RETRY_AFTER_S:
         headers["Retry-After"] = str(RETRY_AFTER_S[error_type])
     if status >= 500:
-        logger.warning("%s: %s", error_type, exc.message)
+        logger.info("%s: %s", error_type, exc.message)
     return error_response(
         request, status, error_type, exc.message, details=exc.details or None, headers=headers
     )
