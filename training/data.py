@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ def prepare_data(
         train_examples, encoder, cache=cache, tokenizer_key=tokenizer_key, name="train"
     )
     dev_set = tokenize(dev.examples, encoder, cache=cache, tokenizer_key=tokenizer_key, name="dev")
+    # Trainer evaluates in dataset order; sorted, each batch holds similar lengths. (The final
+    # reports score the dev rows through NLIClassifier, in file order.)
+    dev_set = dev_set.sort("length")
     summary = {
         "train_source": train.source,
         "train_examples": len(train_examples),
@@ -160,7 +164,8 @@ def tokenize(
             batched=True,
             batch_size=2048,
             remove_columns=["premise", "hypothesis"],
-            fn_kwargs={"encoder": encoder},
+            with_indices=True,
+            fn_kwargs={"encoder": encoder, "name": name},
             cache_file_name=str(cache / f"{key}.arrow"),
             new_fingerprint=key,
             load_from_cache_file=True,
@@ -170,22 +175,68 @@ def tokenize(
     return encoded
 
 
-def _encode_batch(batch: dict[str, list[Any]], encoder: PairEncoder) -> dict[str, list[Any]]:
+def _encode_batch(
+    batch: dict[str, list[Any]], indices: list[int], encoder: PairEncoder, name: str
+) -> dict[str, list[Any]]:
     pairs = list(zip(batch["premise"], batch["hypothesis"], strict=True))
     try:
         ids = encoder.encode(pairs)
     except InputTooLongError:
-        # Find the offending pair so the message can show it.
-        for premise, hypothesis in pairs:
+        # Find the offending pair so the message can point at it.
+        for index, (premise, hypothesis) in zip(indices, pairs, strict=True):
             try:
                 encoder.encode([(premise, hypothesis)])
             except InputTooLongError as exc:
                 raise DataError(
-                    f"{exc.message}; hypothesis starts {hypothesis[:80]!r} (raise "
-                    "model.max_length or drop the row)"
+                    f"{name} example {index + 1:,}: {exc.message}; the hypothesis starts "
+                    f"{hypothesis[:60]!r} (raise model.max_length or drop the row)"
                 ) from None
         raise
     return {"input_ids": ids, "length": [len(seq) for seq in ids]}
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Random batches of similar lengths, in an order set by ``(seed, epoch)`` alone.
+
+    Indices are shuffled, cut into windows of ``window_batches`` batches, and sorted by length
+    inside each window, so a batch holds similar lengths (little padding) while batch order
+    stays random. The batch holding the longest example goes first, so running out of memory
+    shows at step 1. Trainer calls ``set_epoch``; the order never touches the global RNG, which
+    is what lets a resumed run replay the epoch it was interrupted in.
+    """
+
+    def __init__(
+        self, lengths: list[int], *, batch_size: int, seed: int, window_batches: int = 64
+    ) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = batch_size * window_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches: list[list[int]] = []
+        for start in range(0, len(order), self.window):
+            window = sorted(order[start : start + self.window], key=self.lengths.__getitem__)
+            batches += [
+                window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)
+            ]
+        # A short batch must stay last: the DataLoader cuts the flat order into equal batches.
+        short = [b for b in batches if len(b) < self.batch_size]
+        full = [b for b in batches if len(b) == self.batch_size]
+        full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        if full:
+            longest = max(range(len(full)), key=lambda i: max(self.lengths[j] for j in full[i]))
+            full[0], full[longest] = full[longest], full[0]
+        return iter([index for batch in full + short for index in batch])
 
 
 @dataclass

@@ -264,6 +264,7 @@ def _fit(
         compute_metrics=dev_metrics,
         callbacks=extra + callbacks,
         label_smoothing=cfg.train.label_smoothing,
+        length_grouping=cfg.train.group_by_length,
     )
     logger.info(
         "training %s on %s: %d examples, batch %d x %d accumulation x %d process(es), bf16 %s",

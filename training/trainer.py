@@ -8,7 +8,6 @@ predictions, and the mapping from the recipe to ``TrainingArguments``.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import math
@@ -31,6 +30,7 @@ from transformers import (
 from nli.errors import NLIError
 from nli.metrics import compute_metrics
 from training.config import TrainingConfig
+from training.data import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +47,33 @@ class NLITrainer(Trainer):
     # Our loss is a per-batch mean: Trainer must divide it by the accumulation steps itself.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, label_smoothing: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        label_smoothing: float = 0.0,
+        length_grouping: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.label_smoothing = label_smoothing
+        self.length_grouping = length_grouping
         # Trainer inspects the *base* model's forward (which takes **kwargs) and would then treat
         # our loss as already normalised over the accumulated batch and count label tokens for
         # it (an extra all-gather per step under DDP). Neither applies to a per-example loss.
         self.model_accepts_loss_kwargs = False
         self.examples_seen = 0
         self.eval_seconds = 0.0
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        # Trainer's own length grouping draws its order from the global RNG at each epoch start,
+        # which a resumed run cannot replay mid-epoch; ours depends on (seed, epoch) only.
+        if self.length_grouping and self.train_dataset is not None:
+            return LengthGroupedSampler(
+                list(self.train_dataset["length"]),
+                batch_size=self.args.per_device_train_batch_size,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            )
+        return super()._get_train_sampler(*args, **kwargs)
 
     def compute_loss(
         self,
@@ -213,7 +231,6 @@ def training_arguments(
         logging_steps=loop.logging_steps,
         logging_first_step=True,
         report_to=_report_to(loop.report_to),
-        length_column_name="length",
         dataloader_num_workers=workers,
         dataloader_pin_memory=device.type == "cuda",
         # Persistent workers would make the first evaluation after a resume draw a worker seed
@@ -229,10 +246,4 @@ def training_arguments(
         torch_compile=loop.torch_compile,
         disable_tqdm=False,
     )
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    sampling = "group_by_length" if loop.group_by_length else "random"
-    if "train_sampling_strategy" in fields:
-        kwargs["train_sampling_strategy"] = sampling
-    else:  # transformers releases before the sampler unification (PR 43138)
-        kwargs["group_by_length"] = loop.group_by_length
     return TrainingArguments(**kwargs)
