@@ -10,7 +10,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-import app
 from nli.default_model import DEFAULT_BASE_MODEL
 from nli.errors import ConfigError
 
@@ -25,7 +24,7 @@ BUILTIN_DEFAULT_ADAPTER = "snli-smollm2"
 
 def builtin_adapters_dir() -> Path:
     """The repository's ``adapters/`` folder, found relative to the installed package."""
-    return Path(app.__file__).resolve().parents[1] / "adapters"
+    return Path(__file__).resolve().parents[1] / "adapters"
 
 
 def default_data_dir() -> Path:

@@ -253,3 +253,14 @@ def test_queue_full_is_503_with_retry_after(
         assert results == [200]
     finally:
         client.__exit__(None, None, None)
+
+
+def test_cors_is_off(client: TestClient) -> None:
+    origin = {"Origin": "https://elsewhere.example"}
+    simple = client.get("/health", headers=origin)
+    assert "access-control-allow-origin" not in simple.headers
+    preflight = client.options(
+        "/classify", headers={**origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status_code == 405
+    assert "access-control-allow-origin" not in preflight.headers
