@@ -94,10 +94,18 @@ def work_dir_for(output: Path) -> Path:
 
 
 def training_device(cfg: TrainingConfig, dist: Distributed) -> str:
-    """The device this process trains on: its own GPU under DDP, else the configured one."""
-    if dist.world_size > 1:
-        if not torch.cuda.is_available():
-            raise ConfigError("distributed training needs one CUDA GPU per process")
+    """The device this process trains on: its own GPU under DDP, else the configured one.
+
+    ``model.device=cpu`` under ``torchrun`` trains on CPU processes (gloo): slow, but it lets
+    the distributed path be tested without GPUs.
+    """
+    if dist.world_size > 1 and cfg.model.device != "cpu":
+        if not torch.cuda.is_available() or torch.cuda.device_count() <= dist.local_rank:
+            raise ConfigError(
+                f"distributed training needs one CUDA GPU per process (local rank "
+                f"{dist.local_rank}, {torch.cuda.device_count()} GPU(s) visible); "
+                "set model.device=cpu to train on CPU processes"
+            )
         return f"cuda:{dist.local_rank}"
     return cfg.model.device
 
