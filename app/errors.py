@@ -187,6 +187,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI answers 400 for a JSON body that is not UTF-8, 422 for one that is not JSON:
+        # both are an invalid body here.
+        return error_response(request, 422, "validation_error", "the body is not UTF-8 JSON")
     status = exc.status_code
     try:
         phrase = HTTPStatus(status).phrase
@@ -196,7 +200,20 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
     error_type = HTTP_TYPES.get(status, "error")
-    return error_response(request, status, error_type, message, headers=dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if status == 405:
+        # Starlette names only the first route that matched the path; list them all.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return error_response(request, status, error_type, message, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path) and getattr(route, "methods", None):
+            methods.update(route.methods)
+    return sorted(methods)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:

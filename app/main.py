@@ -78,7 +78,7 @@ def create_app(
 
 
 def _document_limits(app: FastAPI, settings: Settings) -> None:
-    """Write the limits that come from settings into the OpenAPI schema."""
+    """Write what depends on settings into the OpenAPI schema: limits, and authentication."""
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -94,6 +94,13 @@ def _document_limits(app: FastAPI, settings: Settings) -> None:
         pairs = components.get("BatchClassifyRequest", {}).get("properties", {}).get("pairs")
         if pairs is not None:
             pairs["maxItems"] = settings.max_pairs_per_request
+        if settings.api_key is None:  # admin routes are open: say so
+            schema.get("components", {}).pop("securitySchemes", None)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+                    for code in ("401", "403"):
+                        operation.get("responses", {}).pop(code, None)
         app.openapi_schema = schema
         return schema
 

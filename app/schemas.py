@@ -7,19 +7,17 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.settings import ADAPTER_NAME_PATTERN
 from nli.labels import Label
 
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be blank")
-    return value
-
-
-Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(_not_blank)]
+# Not empty, not only whitespace: a pattern rather than a validator, so the schema says it too.
+Text = Annotated[
+    str,
+    StringConstraints(min_length=1, pattern=r"\S"),
+    Field(description="Text with at least one non-space character."),
+]
 AdapterName = Annotated[
     str,
     StringConstraints(pattern=ADAPTER_NAME_PATTERN),

@@ -264,3 +264,30 @@ def test_cors_is_off(client: TestClient) -> None:
     )
     assert preflight.status_code == 405
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_405_lists_every_allowed_method(client: TestClient) -> None:
+    response = client.put("/evaluate/some-job")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET"
+
+
+def test_a_body_that_is_not_utf8_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/classify",
+        content=b'{"premise": "\xff\xfe"}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert error_of(response)["type"] == "validation_error"
+
+
+def test_openapi_declares_authentication_only_with_a_key(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    open_app = create_app(make_settings(tiny_llama_dir, tmp_path))
+    load = open_app.openapi()["paths"]["/adapters"]["post"]
+    assert "security" not in load and "401" not in load["responses"]
+    keyed = create_app(make_settings(tiny_llama_dir, tmp_path, api_key="k"))
+    load = keyed.openapi()["paths"]["/adapters"]["post"]
+    assert load["security"] and {"401", "403"} <= set(load["responses"])
