@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -203,17 +204,28 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if status == 405:
         # Starlette names only the first route that matched the path; list them all.
-        headers["Allow"] = ", ".join(_allowed_methods(request))
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
     return error_response(request, status, error_type, message, headers=headers)
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in request.app.routes:
-        regex = getattr(route, "path_regex", None)
-        if regex is not None and regex.match(request.url.path) and getattr(route, "methods", None):
-            methods.update(route.methods)
-    return sorted(methods)
+    """The documented methods of the request's path (from the OpenAPI schema, built once)."""
+    state = request.app.state
+    patterns: list[tuple[re.Pattern[str], list[str]]] | None = getattr(
+        state, "allowed_methods", None
+    )
+    if patterns is None:
+        patterns = []
+        for template, operations in request.app.openapi().get("paths", {}).items():
+            source = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            patterns.append((re.compile(f"^{source}$"), sorted(m.upper() for m in operations)))
+        state.allowed_methods = patterns
+    for regex, methods in patterns:
+        if regex.match(request.url.path):
+            return methods
+    return []
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
