@@ -291,3 +291,28 @@ def test_openapi_declares_authentication_only_with_a_key(
     keyed = create_app(make_settings(tiny_llama_dir, tmp_path, api_key="k"))
     load = keyed.openapi()["paths"]["/adapters"]["post"]
     assert load["security"] and {"401", "403"} <= set(load["responses"])
+
+
+def test_out_of_memory_splits_the_batch_and_answers_stay_right(
+    client: TestClient, reference: Scores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated OOM on any forward of more than two rows: the classifier halves and retries."""
+    import torch
+
+    classifier = client.app.state.runtime.require_ready().classifier  # type: ignore[attr-defined]
+    forward = classifier._forward
+    sizes: list[int] = []
+
+    def tight_memory(seqs: Any, adapters: Any) -> Any:
+        sizes.append(len(seqs))
+        if len(seqs) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return forward(seqs, adapters)
+
+    monkeypatch.setattr(classifier, "_forward", tight_memory)
+    pairs = [{"premise": p, "hypothesis": h} for p, h in PAIRS]
+    response = client.post("/classify/batch", json={"pairs": pairs, "adapter": "base"})
+    assert response.status_code == 200
+    got = np.array([[s["score"] for s in r["scores"]] for r in response.json()["results"]])
+    np.testing.assert_allclose(got, reference(PAIRS, None), atol=TOL)
+    assert max(sizes) == len(PAIRS) and 2 in sizes
