@@ -310,7 +310,10 @@ class BatchEngine:
                 for request in requests:
                     self._forward_requests([request], results, failures)
                 return
-            failures[requests[0]] = _public_error(exc)
+            error = _public_error(exc)
+            if isinstance(error, ResourceExhaustedError) and self.metrics is not None:
+                self.metrics.oom_failures.inc()
+            failures[requests[0]] = error
             return
         if self.metrics is not None:
             self.metrics.batch_rows.labels("interactive").observe(len(encoded))

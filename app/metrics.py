@@ -69,7 +69,7 @@ class Metrics:
         self.jobs = Counter(
             "nli_evaluation_jobs", "Evaluation jobs by final status", ["status"], registry=r
         )
-        self.oom_splits = Counter(
+        self.oom_failures = Counter(
             "nli_oom_failures", "Requests that failed for lack of device memory", registry=r
         )
         for priority in ("interactive", "evaluation"):
