@@ -27,6 +27,7 @@ EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``nli-train`` and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="nli-train", description="QLoRA fine-tuning and evaluation of NLI adapters."
     )
@@ -113,7 +114,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.config import load_config
+    from training.recipe import load_config
     from training.train import run_training
 
     config = load_config(args.recipe, args.overrides, output=args.output)
@@ -180,7 +181,7 @@ def _accuracy_line(name: str, report: dict[str, Any]) -> str:
 
 
 def _recipes() -> int:
-    from training.config import load_config, recipe_names
+    from training.recipe import load_config, recipe_names
 
     for name in recipe_names():
         _say(f"{name}: {load_config(name).description}")

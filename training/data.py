@@ -215,6 +215,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Called by Trainer (through accelerate) at the start of every epoch."""
         self.epoch = epoch
 
     def __len__(self) -> int:

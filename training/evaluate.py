@@ -38,6 +38,7 @@ def progress_bar(desc: str, *, enabled: bool = True) -> Iterator[Callable[[int, 
     bar = tqdm(desc=desc, unit="pair", dynamic_ncols=True)
 
     def update(done: int, total: int) -> None:
+        # The total counts both passes with --compare-base: known only once scoring starts.
         if bar.total != total:
             bar.total = total
         bar.update(done - bar.n)

@@ -68,6 +68,7 @@ def _git_commit() -> str | None:
 
 
 def now() -> str:
+    """The current UTC time, ISO 8601, in seconds."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 

@@ -77,6 +77,7 @@ class Distributed:
 
     @classmethod
     def from_env(cls) -> Distributed:
+        """Read RANK, LOCAL_RANK and WORLD_SIZE as torchrun and accelerate set them."""
         return cls(
             rank=int(os.environ.get("RANK", "0")),
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
@@ -85,6 +86,7 @@ class Distributed:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0 writes the outputs."""
         return self.rank == 0
 
 

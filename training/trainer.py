@@ -144,12 +144,14 @@ class CollapseCallback(TrainerCallback):
         metrics: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        """Raise ``TrainingCollapsedError`` when dev accuracy is under the floor."""
         accuracy = (metrics or {}).get(f"eval_{METRIC}")
         if accuracy is not None and accuracy < self.floor:
             raise TrainingCollapsedError(
                 f"training collapsed: dev accuracy {accuracy:.1%} at step {state.global_step} "
                 f"is below eval.collapse_accuracy={self.floor} (chance is 33%). Lower "
-                "train.learning_rate (especially at high lora.r) and try again."
+                "train.learning_rate (especially at high lora.r) and try again, or set "
+                "eval.collapse_accuracy=null if an early evaluation is expected to be this low."
             )
 
 

@@ -9,18 +9,8 @@ import pytest
 import yaml
 
 from nli.errors import ConfigError
-from training.config import (
-    RECIPES_DIR,
-    REPO_ROOT,
-    SECTIONS,
-    TrainingConfig,
-    expand_source,
-    load_config,
-    parse_slice,
-    recipe_names,
-    resolve_recipe,
-    snli_dir,
-)
+from training.config import REPO_ROOT, TrainingConfig, expand_source, parse_slice, snli_dir
+from training.recipe import RECIPES_DIR, SECTIONS, load_config, recipe_names, resolve_recipe
 
 
 def test_shipped_recipes_load() -> None:

@@ -13,7 +13,6 @@ from nli.errors import DataError
 from nli.loading import load_tokenizer
 from nli.prompt import PairEncoder, get_prompt_format
 from nli.scoring import collate
-from training.config import load_config
 from training.data import (
     LabelCollator,
     LengthGroupedSampler,
@@ -21,6 +20,7 @@ from training.data import (
     tokenize,
     tokenizer_fingerprint,
 )
+from training.recipe import load_config
 
 EXAMPLES = [
     Example("a man is playing guitar", "a man plays music", 0),

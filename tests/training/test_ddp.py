@@ -26,7 +26,7 @@ WORKER = """
 import hashlib, json, os, sys
 import torch
 from transformers import TrainerCallback
-from training.config import load_config
+from training.recipe import load_config
 from training.train import run_training
 
 class DumpWeights(TrainerCallback):

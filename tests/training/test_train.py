@@ -21,8 +21,8 @@ from nli.loading import is_4bit, load_base_model
 from nli.manifest import MANIFEST_FILE, WEIGHTS_FILE, adapter_size_bytes, read_manifest
 from nli.scoring import collate
 from training import train as train_module
-from training.config import load_config
 from training.model import LabelScoringModel, prepare_base
+from training.recipe import load_config
 from training.train import run_training
 from training.trainer import TrainingCollapsedError
 
