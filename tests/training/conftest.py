@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from nli.labels import LABELS
@@ -23,6 +24,16 @@ FILLER = (
     "a man woman child is the on in at with playing running sitting outside street park "
     "room table ball red blue old young big"
 ).split()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's
+    spinning threads slow training by up to 50x as soon as another process takes a core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def synthetic_rows(n: int, *, seed: int) -> list[dict[str, str]]:

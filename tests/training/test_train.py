@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -19,7 +20,8 @@ from nli.data import read_nli_file
 from nli.errors import ConfigError
 from nli.loading import is_4bit, load_base_model
 from nli.manifest import MANIFEST_FILE, WEIGHTS_FILE, adapter_size_bytes, read_manifest
-from nli.scoring import collate
+from nli.prompt import PairEncoder, get_prompt_format
+from nli.scoring import collate, label_logits, label_tokens
 from training import train as train_module
 from training.model import LabelScoringModel, prepare_base
 from training.recipe import load_config
@@ -120,24 +122,34 @@ def test_reloaded_adapter_scores_like_the_trained_model(trained: Trained) -> Non
     cfg = load_config(trained.recipe)
     dev = read_nli_file(Path(cfg.data.dev_file))
     pairs = [(e.premise, e.hypothesis) for e in dev.examples[:48]]
-    # A fresh base prepared as for training (same kernels, same float32 norms) plus the folder.
+    manifest = read_manifest(trained.output)
+    # A fresh base prepared as for training (same kernels, same float32 norms) plus the folder
+    # gives exactly the logits of the model Trainer left in memory.
     base = load_base_model(cfg.model.base_model, device="cpu", for_training=True)
     base.model = prepare_base(base.model, cfg.model)
-    reloaded = NLIClassifier(base, max_length=cfg.model.max_length)
-    reloaded.attach_adapter(trained.output, name="adapter")
-    got = reloaded.score_pairs(pairs, "adapter")
-    # The trained model as Trainer left it, on the same encoded batches.
-    encoded = reloaded.encode(pairs, "adapter")
-    batch = collate(encoded, pad_id=base.tokenizer.pad_token_id)
+    reloaded = PeftModel.from_pretrained(base.model, str(trained.output)).eval()
+    encoder = PairEncoder(
+        base.tokenizer, get_prompt_format(manifest.prompt_format), max_length=cfg.model.max_length
+    )
+    batch = collate(encoder.encode(pairs), pad_id=base.tokenizer.pad_token_id)
+    tokens = label_tokens(base.tokenizer)
+    assert [list(seq) for seq in tokens.sequences] == manifest.label_token_ids
     with torch.no_grad():
-        logits = trained.model.eval()(batch.input_ids, batch.attention_mask, batch.last_index)
-    expected = torch.softmax(logits, dim=-1).numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-    # The base with the adapter disabled equals a base that never saw one.
+        got = label_logits(reloaded, batch, tokens)
+        expected = trained.model.eval()(batch.input_ids, batch.attention_mask, batch.last_index)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # The service's loader takes the same folder and predicts the same labels.
+    serving = load_base_model(cfg.model.base_model, device="cpu", for_training=True)
+    serving.model = prepare_base(serving.model, cfg.model)
+    classifier = NLIClassifier(serving, max_length=cfg.model.max_length)
+    classifier.attach_adapter(trained.output, name="adapter")
+    probs = classifier.score_pairs(pairs, "adapter")
+    np.testing.assert_allclose(probs, torch.softmax(expected, -1).numpy(), atol=1e-4, rtol=0)
+    # With the adapter disabled it is the base that never saw one.
     plain = load_base_model(cfg.model.base_model, device="cpu", for_training=True)
     plain.model = prepare_base(plain.model, cfg.model)
     untouched = NLIClassifier(plain, max_length=cfg.model.max_length).score_pairs(pairs)
-    np.testing.assert_array_equal(reloaded.score_pairs(pairs, None), untouched)
+    np.testing.assert_array_equal(classifier.score_pairs(pairs, None), untouched)
 
 
 def test_evaluate_cli_matches_the_training_report(trained: Trained, tmp_path: Path) -> None:
