@@ -232,9 +232,14 @@ def training_arguments(
         logging_strategy="steps",
         logging_steps=loop.logging_steps,
         logging_first_step=True,
+        # The NaN/inf filter reads the loss on the host after every step: a device sync per
+        # step, which starves a launch-bound GPU. A NaN loss then shows in the log, unmasked.
+        logging_nan_inf_filter=False,
         report_to=_report_to(loop.report_to),
         dataloader_num_workers=workers,
         dataloader_pin_memory=device.type == "cuda",
+        # Pinned batches can be copied to the GPU without blocking the host.
+        accelerator_config={"non_blocking": device.type == "cuda"},
         # Persistent workers would make the first evaluation after a resume draw a worker seed
         # from the global RNG that the unbroken run drew earlier, shifting every later dropout
         # mask: the resumed run would no longer end where the unbroken one does.
