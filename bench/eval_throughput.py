@@ -1,10 +1,18 @@
 """Evaluation throughput through the real path: tokenise + score + metrics, model already loaded.
 
     python bench/eval_throughput.py [--model smollm2|qwen2-1.5b] [--batch-sizes 256 1024]
+        [--no-prefix-cache] [--compile] [--encode-chunk N]
+        [--configs plain prefix prefix+overlap prefix+overlap+compile]
 
 Runs ``nli.evaluation.evaluate_dataset`` over the SNLI test split (9,824 pairs) with the bare
 base model, after one warm-up pass, and prints pairs/s per batch size plus one JSON line.
 With ``--generate-baseline N`` it also times a naive per-pair ``generate`` on N pairs.
+
+Speed levers of ``NLIClassifier``, each switchable so one run measures them side by side:
+``prefix`` (shared-prefix key/value cache), ``overlap`` (tokenise chunks on a thread while the
+GPU scores; ``--encode-chunk``), ``compile`` (``torch.compile`` of the decoder forward, CUDA
+only; the warm-up pass includes the compilation). ``--configs`` runs several lever sets in one
+process (``plain`` = none of them); without it, the flags pick one set.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +65,18 @@ def generate_baseline(classifier: NLIClassifier, pairs: list[tuple[str, str]]) -
     return len(pairs) / (time.perf_counter() - start)
 
 
+LEVERS = ("prefix", "overlap", "compile")
+
+
+def parse_config(text: str) -> set[str]:
+    """``prefix+compile`` -> {"prefix", "compile"}; ``plain`` -> no lever."""
+    levers = {part for part in text.split("+") if part and part != "plain"}
+    unknown = levers - set(LEVERS)
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {sorted(unknown)} in {text!r} (known: {LEVERS})")
+    return levers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2")
@@ -66,19 +87,48 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=1 << 17)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--generate-baseline", type=int, default=0)
+    parser.add_argument(
+        "--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+        help="cache the prompt template's prefix key/values (default on; without --configs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the decoder (CUDA; without --configs)"
+    )
+    parser.add_argument(
+        "--encode-chunk", type=int, default=None,
+        help="pairs tokenised per background chunk while the GPU scores (0: all first; "
+        "default: the classifier's, 4096 on CUDA, 0 on CPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--configs", nargs="+", default=None,
+        help="lever sets to compare in one run, e.g. plain prefix prefix+overlap+compile",
+    )  # fmt: skip
     args = parser.parse_args()
+    # (name, NLIClassifier options) per configuration to measure.
+    configs: list[tuple[str, dict[str, Any]]] = []
+    if args.configs is None:
+        chunk_name = "auto" if args.encode_chunk is None else args.encode_chunk
+        name = f"prefix={args.prefix_cache},compile={args.compile},chunk={chunk_name}"
+        options = {"prefix_cache": args.prefix_cache, "compile": args.compile}
+        configs.append((name, {**options, "encode_chunk_size": args.encode_chunk}))
+    for text in args.configs or []:
+        levers = parse_config(text)
+        name = "+".join(lever for lever in LEVERS if lever in levers) or "plain"
+        chunk = (args.encode_chunk or 4096) if "overlap" in levers else 0
+        options = {"prefix_cache": "prefix" in levers, "compile": "compile" in levers}
+        configs.append((name, {**options, "encode_chunk_size": chunk}))
 
     base = load_base_model(resolve_model(args.model), device=args.device)
     data = read_nli_file(args.data)
     if args.limit:
         data.examples = data.examples[: args.limit]
     rows = []
-    for batch_size in args.batch_sizes:
+    for (name, options), batch_size in [(c, size) for c in configs for size in args.batch_sizes]:
         classifier = NLIClassifier(
-            base, max_batch_size=batch_size, max_tokens_per_batch=args.max_tokens
+            base, max_batch_size=batch_size, max_tokens_per_batch=args.max_tokens, **options
         )
-        best = 0.0
-        for _ in range(args.repeats + 1):  # the first pass warms up kernels and the allocator
+        seconds = []
+        for _ in range(args.repeats + 1):  # the first pass warms up kernels (and compiles)
             sync()
             start = time.perf_counter()
             report = evaluate_dataset(
@@ -86,10 +136,14 @@ def main() -> None:
                 chunk_size=len(data.examples),
             )  # fmt: skip
             sync()
-            best = max(best, len(data.examples) / (time.perf_counter() - start))
+            seconds.append(time.perf_counter() - start)
+        best = len(data.examples) / min(seconds[1:] or seconds)
+        warmup_s = seconds[0]
         rows.append(
             {
+                "config": name,
                 "batch_size": batch_size,
+                "warmup_s": round(warmup_s, 1),
                 "pairs": len(data.examples),
                 "pairs_per_s": round(best),
                 "accuracy": round(report["metrics"]["accuracy"], 4),
@@ -105,7 +159,10 @@ def main() -> None:
         )
     print(f"{args.model} on {card}")
     for row in rows:
-        print("batch {batch_size:>5}: {pairs_per_s:>7} pairs/s (accuracy {accuracy})".format(**row))
+        print(
+            "{config:>40} batch {batch_size:>5}: {pairs_per_s:>7} pairs/s "
+            "(accuracy {accuracy}, first pass {warmup_s} s)".format(**row)
+        )
     print(json.dumps(result))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,30 @@ import torch
 from nli.errors import AdapterConflictError, AdapterInvalidError, AdapterNotFoundError
 from nli.loading import LoadedBase, free_device_memory, keep_cpu_packed_weights
 from nli.manifest import AdapterManifest, check_base_model, read_manifest
+from nli.prefix_cache import (
+    PrefixCache,
+    PrefixStates,
+    compute_prefix_states,
+    prefixed_label_logits,
+    supports_prefix_cache,
+)
 from nli.prompt import CURRENT_PROMPT_FORMAT, PairEncoder, get_prompt_format
-from nli.scoring import PEFT_BASE_ROW, collate, label_logits, label_tokens, plan_batches, split_peft
+from nli.scoring import (
+    PEFT_BASE_ROW,
+    collate,
+    label_logits,
+    label_tokens,
+    plan_batches,
+    split_peft,
+)
 
 logger = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
+# PEFT states of NLIClassifier._select besides "base" (None) and an adapter name. The NUL byte
+# keeps them apart from any adapter name.
+_PER_ROW = "\x00per-row"
+_UNKNOWN = "\x00unknown"
 
 
 @dataclass
@@ -38,7 +57,21 @@ class NLIClassifier:
 
     Adapter names here are PEFT adapter names; ``None`` means the bare base model. Attaching
     and detaching are not thread-safe with respect to scoring: callers that mix them (the
-    service) serialise them; read-only concurrent scoring is the caller's choice too.
+    service) serialise them. Scoring calls are serialised internally (a batch whose rows share
+    one adapter selects it as PEFT's active adapter for its forward).
+
+    Inference speed-ups, all exact up to floating-point noise:
+
+    - ``prefix_cache``: the prompt template's opening tokens (``PairEncoder.prefix``) run once
+      per adapter; each forward runs only the rest of every prompt (``nli.prefix_cache``).
+    - ``compile``: ``torch.compile(decoder.forward, dynamic=True)`` on CUDA (ignored on CPU).
+      Attaching or detaching an adapter, or switching between adapters, changes the modules the
+      compiled code guards on, so the next forward recompiles (tens of seconds): meant for
+      evaluation runs with a fixed adapter set, not for a service that hot-swaps adapters.
+      Batches mixing adapters run eagerly.
+    - ``encode_chunk_size``: ``score_pairs`` tokenises chunks of this many pairs on a background
+      thread while the device scores the previous chunk (0: tokenise everything first). The
+      default (None) is 4096 on CUDA and 0 on CPU, where both would compete for the same cores.
     """
 
     def __init__(
@@ -48,6 +81,9 @@ class NLIClassifier:
         max_length: int = 512,
         max_batch_size: int = 64,
         max_tokens_per_batch: int = 16384,
+        prefix_cache: bool = True,
+        compile: bool = False,
+        encode_chunk_size: int | None = None,
     ) -> None:
         self.base = base
         self.model: Any = base.model
@@ -56,11 +92,30 @@ class NLIClassifier:
         self.max_length = max_length
         self.max_batch_size = max_batch_size
         self.max_tokens_per_batch = max_tokens_per_batch
+        if encode_chunk_size is None:
+            encode_chunk_size = 4096 if base.device.type == "cuda" else 0
+        self.encode_chunk_size = encode_chunk_size
         self.base_encoder = PairEncoder(
             base.tokenizer, get_prompt_format(CURRENT_PROMPT_FORMAT), max_length=max_length
         )
         self.adapters: dict[str, LoadedAdapter] = {}
         self._lock = threading.Lock()  # guards attach/detach against each other
+        self._forward_lock = threading.Lock()  # adapter selection + forward are one step
+        self._selected: str | None = _UNKNOWN  # the PEFT state last set by _select
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache and self.tokens.distinct and supports_prefix_cache(self.model):
+            self.prefix_cache = PrefixCache()
+        elif prefix_cache:
+            logger.info(
+                "prefix cache unavailable for this model or tokenizer: scoring whole prompts"
+            )
+        # (the decoder, its compiled forward), made on first use
+        self._compiled: tuple[Any, Callable[..., Any]] | None = None
+        self.compile = compile and self.device.type == "cuda"
+        if compile and not self.compile:
+            logger.info(
+                "compile=True ignored on %s: torch.compile is only used on CUDA", self.device
+            )
 
     @property
     def base_model(self) -> str:
@@ -85,9 +140,11 @@ class NLIClassifier:
         with self._lock:
             if name in self.adapters:
                 raise AdapterConflictError(f"adapter {name!r} is already attached")
+            self._forget_prefixes(name)
             try:
                 _, peft_model = split_peft(self.model)
                 if peft_model is None:
+                    self._forget_prefixes(None, everything=True)  # the model gets wrapped
                     with keep_cpu_packed_weights(self.model):
                         self.model = PeftModel.from_pretrained(
                             self.model, str(path), adapter_name=name, is_trainable=False
@@ -111,8 +168,13 @@ class NLIClassifier:
                 raise AdapterNotFoundError(f"adapter {name!r} is not attached")
             _, peft_model = split_peft(self.model)
             del self.adapters[name]
+            self._forget_prefixes(name, everything=not self.adapters)
             if peft_model is not None:
                 if self.adapters:
+                    if peft_model.active_adapter == name:
+                        # Scoring may have made it the active one; hand that role on first, so
+                        # PEFT does not warn about deleting its active adapter.
+                        peft_model.set_adapter(next(iter(self.adapters)), inference_mode=True)
                     peft_model.delete_adapter(name)
                 else:
                     # PEFT cannot delete its last adapter and stay usable: take the LoRA layers
@@ -120,6 +182,16 @@ class NLIClassifier:
                     self.model = peft_model.unload()
             free_device_memory(self.device)
         logger.info("detached adapter %s", name)
+
+    def _forget_prefixes(self, name: str | None, *, everything: bool = False) -> None:
+        # Attaching or detaching changes PEFT's state behind _select's back, too.
+        self._selected = _UNKNOWN
+        if self.prefix_cache is None:
+            return
+        if everything:
+            self.prefix_cache.clear()
+        else:
+            self.prefix_cache.drop(name)
 
     def _drop_partial(self, name: str) -> None:
         _, peft_model = split_peft(self.model)
@@ -153,10 +225,26 @@ class NLIClassifier:
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Probabilities ``[N, 3]`` (label order) for each pair, with one adapter or the base."""
-        encoded = self.encode(pairs, adapter)
-        return self.score_encoded(encoded, [adapter] * len(encoded), progress=progress)
+        encoder = self.encoder_for(adapter)
+        chunk = self.encode_chunk_size
+        if chunk < 1 or len(pairs) <= chunk:
+            encoded = encoder.encode(pairs)
+            return self.score_encoded(encoded, [adapter] * len(encoded), progress=progress)
+        parts: list[tuple[np.ndarray, torch.Tensor]] = []
+        # Tokenising the next chunk on a thread overlaps the GPU's work on this one (the fast
+        # tokenizer releases the GIL, and so do torch ops while they wait on the GPU queue).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nli-encode") as pool:
+            pending: Future[list[list[int]]] = pool.submit(encoder.encode, pairs[:chunk])
+            for start in range(0, len(pairs), chunk):
+                encoded = pending.result()
+                if start + chunk < len(pairs):
+                    pending = pool.submit(encoder.encode, pairs[start + chunk : start + 2 * chunk])
+                for rows, probs in self._score_on_device(
+                    encoded, [adapter] * len(encoded), progress=progress
+                ):
+                    parts.append((rows + start, probs))
+        return self._to_host(len(pairs), parts)
 
-    @torch.inference_mode()
     def score_encoded(
         self,
         encoded: Sequence[Sequence[int]],
@@ -165,22 +253,44 @@ class NLIClassifier:
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Probabilities for already-encoded pairs; ``adapters`` names one adapter per row."""
-        out = np.zeros((len(encoded), 3), dtype=np.float32)
+        parts = self._score_on_device(encoded, adapters, progress=progress)
+        return self._to_host(len(encoded), parts)
+
+    @torch.inference_mode()
+    def _score_on_device(
+        self,
+        encoded: Sequence[Sequence[int]],
+        adapters: Sequence[str | None],
+        *,
+        progress: Callable[[int], None] | None,
+    ) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """(row indices, probabilities on the device) per batch; nothing waits for the device."""
         batches = plan_batches(
             [len(seq) for seq in encoded],
             max_batch_size=self.max_batch_size,
             max_tokens=self.max_tokens_per_batch,
         )
+        parts = []
         for rows in batches:
-            probs = self._score_rows(encoded, adapters, rows)
-            out[rows] = probs
+            parts.append(
+                (np.asarray(rows, dtype=np.int64), self._score_rows(encoded, adapters, rows))
+            )
             if progress is not None:
                 progress(len(rows))
+        return parts
+
+    @staticmethod
+    def _to_host(count: int, parts: list[tuple[np.ndarray, torch.Tensor]]) -> np.ndarray:
+        """One device->host transfer for all batches, scattered back into input order."""
+        out = np.zeros((count, 3), dtype=np.float32)
+        if parts:
+            order = np.concatenate([rows for rows, _ in parts])
+            out[order] = torch.cat([probs for _, probs in parts]).cpu().numpy()
         return out
 
     def _score_rows(
         self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None], rows: list[int]
-    ) -> np.ndarray:
+    ) -> torch.Tensor:
         try:
             return self._forward([encoded[i] for i in rows], [adapters[i] for i in rows])
         except torch.OutOfMemoryError:
@@ -191,16 +301,114 @@ class NLIClassifier:
             logger.warning("out of memory on a batch of %d: retrying as two halves", len(rows))
             first = self._score_rows(encoded, adapters, rows[:half])
             second = self._score_rows(encoded, adapters, rows[half:])
-            return np.concatenate([first, second])
+            return torch.cat([first, second])
 
-    def _forward(self, seqs: list[Sequence[int]], adapters: list[str | None]) -> np.ndarray:
-        for name in set(adapters):
+    def _forward(self, seqs: list[Sequence[int]], adapters: list[str | None]) -> torch.Tensor:
+        """Probabilities ``[rows, 3]``, left on the device."""
+        distinct = set(adapters)
+        for name in distinct:
             if name is not None and name not in self.adapters:
                 raise AdapterNotFoundError(f"adapter {name!r} is not attached")
         batch = collate(seqs, pad_id=self.tokenizer.pad_token_id, device=self.device)
-        _, peft_model = split_peft(self.model)
-        names = None
-        if peft_model is not None:
-            names = [PEFT_BASE_ROW if name is None else name for name in adapters]
-        logits = label_logits(self.model, batch, self.tokens, adapter_names=names)
-        return torch.softmax(logits, dim=-1).cpu().numpy()
+        with self._forward_lock:
+            _, peft_model = split_peft(self.model)
+            prefixes = self._prefixes_for(peft_model, seqs, adapters, distinct)
+            names = None
+            if peft_model is not None and len(distinct) > 1:
+                names = [PEFT_BASE_ROW if name is None else name for name in adapters]
+                self._select(peft_model, _PER_ROW)
+            else:
+                self._select(peft_model, next(iter(distinct)))
+            # Compiled code would retrace per mix of per-row adapters: mixed batches stay eager.
+            forward = self._compiled_forward() if names is None else None
+            if prefixes is None:
+                logits = label_logits(
+                    self.model, batch, self.tokens, adapter_names=names, decoder_forward=forward
+                )
+            else:
+                states, rows = prefixes
+                logits = prefixed_label_logits(
+                    self.model,
+                    batch,
+                    self.tokens,
+                    states,
+                    rows=rows,
+                    adapter_names=names,
+                    decoder_forward=forward,
+                )
+        return torch.softmax(logits, dim=-1)
+
+    def _select(self, peft_model: Any | None, target: str | None) -> None:
+        """Put PEFT in the state a batch needs: ``None`` base, an adapter name, or ``_PER_ROW``.
+
+        A batch of one adapter runs PEFT's plain LoRA path with that adapter active (or with the
+        adapter layers disabled, for the base) instead of the per-row path, which loops over the
+        rows in Python and gathers sub-batches in every LoRA layer. The state persists, so a run
+        of batches for one adapter pays for the switch once.
+        """
+        if peft_model is None or target == self._selected:
+            return
+        tuner = peft_model.base_model
+        if target is None:
+            tuner.disable_adapter_layers()
+        else:
+            was_enabled = self._selected not in (None, _UNKNOWN)
+            if not was_enabled:
+                tuner.enable_adapter_layers()
+            if target != _PER_ROW or not was_enabled:
+                # inference_mode also re-freezes the LoRA weights, which enabling marks trainable.
+                active = peft_model.active_adapter if target == _PER_ROW else target
+                peft_model.set_adapter(active, inference_mode=True)
+        self._selected = target
+
+    def _prefixes_for(
+        self,
+        peft_model: Any | None,
+        seqs: list[Sequence[int]],
+        adapters: list[str | None],
+        distinct: set[str | None],
+    ) -> tuple[list[PrefixStates], torch.Tensor | None] | None:
+        """Cached prefix states for a batch and each row's entry, or None to score whole prompts.
+
+        None when the cache is off, when the batch's prompt formats have prefixes of different
+        lengths, or when a row does not start with its format's prefix (or has nothing after it).
+        """
+        if self.prefix_cache is None:
+            return None
+        order = sorted(distinct, key=lambda name: (name is not None, name or ""))
+        prefix_ids = {name: self.encoder_for(name).prefix for name in order}
+        if len({len(ids) for ids in prefix_ids.values()}) != 1:
+            return None
+        length = len(prefix_ids[order[0]])
+        for seq, name in zip(seqs, adapters, strict=True):
+            ids = prefix_ids[name]
+            if len(seq) <= length or tuple(seq[:length]) != ids:
+                return None
+        states = []
+        for name in order:
+            found = self.prefix_cache.get(name, prefix_ids[name])
+            if found is None:
+                # Computed with the adapter selected, exactly as a batch of that adapter runs.
+                self._select(peft_model, name)
+                found = compute_prefix_states(self.model, prefix_ids[name], device=self.device)
+                self.prefix_cache.put(name, found)
+            states.append(found)
+        if len(states) == 1:
+            return states, None
+        slot = {name: index for index, name in enumerate(order)}
+        rows = torch.tensor([slot[name] for name in adapters], dtype=torch.long)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return states, rows.to(self.device, non_blocking=True)
+
+    def _compiled_forward(self) -> Callable[..., Any] | None:
+        if not self.compile:
+            return None
+        causal_lm, _ = split_peft(self.model)
+        decoder = causal_lm.get_decoder()
+        if self._compiled is None or self._compiled[0] is not decoder:
+            # Compiling the decoder module itself would be bypassed (callers reach its forward
+            # through get_decoder()); compiling the bound forward is what takes effect.
+            logger.info("compiling the decoder forward (dynamic shapes); the first batch waits")
+            self._compiled = (decoder, torch.compile(decoder.forward, dynamic=True))
+        return self._compiled[1]

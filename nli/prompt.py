@@ -97,6 +97,14 @@ class PairEncoder:
         if self.fixed_length >= max_length:
             raise ConfigError(f"max_length {max_length} leaves no room after the template")
 
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """The token ids every encoded prompt starts with (the template before the premise).
+
+        Their key/value states are the same for every pair, which ``nli.prefix_cache`` uses.
+        """
+        return tuple(self._before)
+
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

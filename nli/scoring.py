@@ -8,11 +8,14 @@ collide does it fall back to scoring each label's whole continuation.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from nli.errors import ConfigError
@@ -72,15 +75,28 @@ class EncodedBatch:
 def collate(
     sequences: Sequence[Sequence[int]], *, pad_id: int, device: torch.device | str = "cpu"
 ) -> EncodedBatch:
-    """Right-pad sequences into one batch (right padding keeps every row's positions intact)."""
-    longest = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    last = torch.as_tensor([len(seq) - 1 for seq in sequences], dtype=torch.long)
-    return EncodedBatch(ids.to(device), mask.to(device), last.to(device))
+    """Right-pad sequences into one batch (right padding keeps every row's positions intact).
+
+    Padding is one vectorised numpy scatter rather than a per-row loop. On CUDA the ids travel
+    from pinned memory without blocking, and the mask and answer positions are derived on the
+    device, so building the next batch overlaps the current forward.
+    """
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    flat = np.array(list(itertools.chain.from_iterable(sequences)), dtype=np.int64)
+    longest = int(lengths.max())
+    filled = np.arange(longest) < lengths[:, None]
+    ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
+    ids[filled] = flat  # row-major order: each row's tokens, then its padding
+    target = torch.device(device)
+    ids_t, lengths_t = torch.from_numpy(ids), torch.from_numpy(lengths)
+    if target.type == "cuda":
+        ids_t = ids_t.pin_memory().to(target, non_blocking=True)
+        lengths_t = lengths_t.pin_memory().to(target, non_blocking=True)
+        positions = torch.arange(longest, device=target)
+        mask = (positions < lengths_t[:, None]).long()
+        return EncodedBatch(ids_t, mask, lengths_t - 1)
+    mask = torch.from_numpy(filled.astype(np.int64))
+    return EncodedBatch(ids_t.to(target), mask.to(target), (lengths_t - 1).to(target))
 
 
 def plan_batches(
@@ -127,20 +143,65 @@ def _adapter_rows(peft_model: Any | None, adapter_names: list[str] | None) -> It
         yield
 
 
-def _hidden_states(
-    model: Any, batch: EncodedBatch, adapter_names: list[str] | None
+def decoder_hidden_states(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    adapter_names: list[str] | None = None,
+    decoder_forward: Callable[..., Any] | None = None,
+    **decoder_kwargs: Any,
 ) -> tuple[Any, torch.Tensor]:
+    """Run only the decoder (no output layer): ``(the causal LM, last hidden states)``.
+
+    ``adapter_names`` selects a PEFT adapter per row; ``decoder_forward`` replaces the decoder's
+    own forward (a compiled one); ``decoder_kwargs`` go to the decoder (e.g. a prefix cache).
+    """
     causal_lm, peft_model = split_peft(model)
     if adapter_names is not None and peft_model is None:
         if any(name != PEFT_BASE_ROW for name in adapter_names):
             raise ConfigError("adapter rows were given, but no adapter is loaded")
         adapter_names = None
     decoder = causal_lm.get_decoder()
+    forward = decoder if decoder_forward is None else decoder_forward
+    decoder_kwargs.setdefault("use_cache", False)
     with _adapter_rows(peft_model, adapter_names):
-        out = decoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        )
+        out = forward(input_ids=input_ids, attention_mask=attention_mask, **decoder_kwargs)
     return causal_lm, out.last_hidden_state
+
+
+def _hidden_states(
+    model: Any,
+    batch: EncodedBatch,
+    adapter_names: list[str] | None,
+    decoder_forward: Callable[..., Any] | None = None,
+) -> tuple[Any, torch.Tensor]:
+    return decoder_hidden_states(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        adapter_names=adapter_names,
+        decoder_forward=decoder_forward,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _label_index(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Built once per device: a fresh host->device copy per batch would wait for the GPU to drain.
+    # inference_mode(False): a tensor made under inference mode could not be reused by training.
+    with torch.inference_mode(False):
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def project_labels(causal_lm: Any, answer: torch.Tensor, tokens: LabelTokens) -> torch.Tensor:
+    """Float32 logits ``[rows, 3]`` from answer-position hidden states: three output-layer rows."""
+    head = causal_lm.get_output_embeddings()
+    ids = _label_index(tuple(tokens.first_ids), answer.device)
+    weight = head.weight[ids]
+    logits = answer.to(weight.dtype) @ weight.T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[ids]
+    return logits.float()
 
 
 def label_logits(
@@ -149,25 +210,20 @@ def label_logits(
     tokens: LabelTokens,
     *,
     adapter_names: list[str] | None = None,
+    decoder_forward: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """Float32 logits ``[batch, 3]`` of the three labels at each row's answer position.
 
     ``adapter_names`` selects a PEFT adapter per row (``"__base__"`` = none); ``None`` runs the
     model as it is (its active adapter, or none). Softmax of the result gives the probabilities;
-    cross-entropy on it is the training loss.
+    cross-entropy on it is the training loss. ``decoder_forward`` (inference only) replaces the
+    decoder's forward, e.g. by a ``torch.compile``d one.
     """
     if not tokens.distinct:
         return _continuation_logits(model, batch, tokens, adapter_names)
-    causal_lm, hidden = _hidden_states(model, batch, adapter_names)
+    causal_lm, hidden = _hidden_states(model, batch, adapter_names, decoder_forward)
     rows = torch.arange(len(batch), device=hidden.device)
-    answer = hidden[rows, batch.last_index]
-    head = causal_lm.get_output_embeddings()
-    ids = torch.as_tensor(tokens.first_ids, device=answer.device)
-    weight = head.weight[ids]
-    logits = answer.to(weight.dtype) @ weight.T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[ids]
-    return logits.float()
+    return project_labels(causal_lm, hidden[rows, batch.last_index], tokens)
 
 
 def _continuation_logits(
