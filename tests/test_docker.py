@@ -192,9 +192,6 @@ def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
     required = [source for sources, _ in copy_sources() for source in sources]
     assert "adapters" in required
     required.append("adapters/snli-smollm2")  # the shipped adapter, served by default
-    # TODO(lead): delete these two lines once adapters/snli-smollm2 is committed (issue 7).
-    if not (REPO / "adapters" / "snli-smollm2").is_dir():
-        required = [path for path in required if not path.startswith("adapters")]
     for source in required:
         assert (REPO / source).exists(), f"the Dockerfile copies {source}, not in the repo"
         assert not dockerignore_excludes(source), f".dockerignore excludes {source}"
