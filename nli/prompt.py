@@ -108,13 +108,21 @@ class PairEncoder:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _batch_ids(self, texts: list[str]) -> list[list[int]]:
+        # The Rust backend's encode_batch_fast skips offsets and the BatchEncoding wrapper:
+        # identical ids in about a third of the time for SNLI-sized batches (tokenizers >= 0.20).
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
         """Token ids of each pair's prompt, ending at the answer position."""
         if not pairs:
             return []
         texts = [self._premise_lead + _clean(p) for p, _ in pairs]
         texts += [self._hypothesis_lead + _clean(h) for _, h in pairs]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = self._batch_ids(texts)
         premises, hypotheses = ids[: len(pairs)], ids[len(pairs) :]
         return [self._join(p, h) for p, h in zip(premises, hypotheses, strict=True)]
 

@@ -110,3 +110,13 @@ def test_colliding_first_tokens_fall_back_to_whole_continuations(tmp_path: Path)
     np.testing.assert_allclose(probs, reference, atol=2e-3)
     together = classifier.score_pairs([pair, ("two dogs run", "dogs")])[0]
     np.testing.assert_allclose(probs, together, atol=2e-3)
+
+
+def test_fast_batch_tokenisation_matches_the_tokenizer_call(tiny_llama_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    encoder = PairEncoder(tokenizer, get_prompt_format())
+    texts = [" a man is playing", " two  dogs\n", "Hypothesis: the child", ""]
+    slow = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert encoder._batch_ids(texts) == slow
