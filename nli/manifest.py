@@ -12,6 +12,7 @@ from typing import Any
 from nli.errors import AdapterInvalidError, BaseModelMismatchError
 from nli.labels import LABELS
 from nli.loading import BaseModelRef
+from nli.prompt import PROMPT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ class AdapterManifest:
         if list(data["label_words"]) != list(LABELS):
             raise AdapterInvalidError(
                 f"{source}: label words {data['label_words']} differ from {list(LABELS)}"
+            )
+        if data["prompt_format"] not in PROMPT_FORMATS:
+            versions = ", ".join(str(v) for v in PROMPT_FORMATS)
+            raise AdapterInvalidError(
+                f"{source}: prompt format {data['prompt_format']} is not one this version "
+                f"knows ({versions})"
             )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
