@@ -15,7 +15,13 @@ import torch
 
 from nli.errors import AdapterConflictError, AdapterInvalidError, AdapterNotFoundError
 from nli.loading import LoadedBase, free_device_memory, keep_cpu_packed_weights
-from nli.manifest import AdapterManifest, check_base_model, read_manifest
+from nli.manifest import (
+    PEFT_CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterManifest,
+    check_base_model,
+    read_manifest,
+)
 from nli.prefix_cache import (
     PrefixCache,
     PrefixStates,
@@ -152,6 +158,10 @@ class NLIClassifier:
                 else:
                     with keep_cpu_packed_weights(self.model):
                         peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                self._check_loaded_weights(path, name)
+            except AdapterInvalidError:
+                self._drop_partial(name)
+                raise
             except (ValueError, KeyError, RuntimeError, OSError) as exc:
                 self._drop_partial(name)
                 raise AdapterInvalidError(f"adapter {name!r} cannot be loaded: {exc}") from None
@@ -160,6 +170,43 @@ class NLIClassifier:
             self.adapters[name] = loaded
         logger.info("attached adapter %s from %s", name, path)
         return loaded
+
+    def _check_loaded_weights(self, path: Path, name: str) -> None:
+        """Refuse weights that do not hold exactly the adapter's tensors, or hold NaN/inf.
+
+        PEFT (0.21) gives tensors missing from the file their fresh initial values and only
+        warns, and ignores tensors it does not expect: either way the adapter would score with
+        weights nobody trained.
+        """
+        from peft import get_peft_model_state_dict
+        from safetensors import safe_open
+
+        _, peft_model = split_peft(self.model)
+        assert peft_model is not None  # an adapter was just attached
+        # The adapter's tensors, named as PEFT saves them, picked from the parameters rather than
+        # from state_dict(): on CPU that re-quantizes the 4-bit weights (keep_cpu_packed_weights).
+        params = dict(peft_model.named_parameters())
+        loaded = get_peft_model_state_dict(peft_model, state_dict=params, adapter_name=name)
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+            stored = set(handle.keys())
+        missing = sorted(set(loaded) - stored)
+        unexpected = sorted(stored - set(loaded))
+        if missing or unexpected:
+            problems = []
+            if missing:
+                problems.append(f"{len(missing)} of its {len(loaded)} tensors are missing")
+            if unexpected:
+                problems.append(f"{len(unexpected)} tensors are not the adapter's")
+            example = (missing or unexpected)[0]
+            raise AdapterInvalidError(
+                f"{path.name}: {WEIGHTS_FILE} does not match {PEFT_CONFIG_FILE}: "
+                f"{'; '.join(problems)} (e.g. {example})"
+            )
+        if loaded:
+            finite = torch.stack([torch.isfinite(t).all() for t in loaded.values()])
+            if not bool(finite.all()):
+                bad = next(k for k, ok in zip(loaded, finite.tolist(), strict=True) if not ok)
+                raise AdapterInvalidError(f"{path.name}: {WEIGHTS_FILE} holds NaN or inf ({bad})")
 
     def detach_adapter(self, name: str) -> None:
         """Remove an adapter and free its weights. Detaching the last one unwraps the model."""
