@@ -164,7 +164,9 @@ class NLIClassifier:
                 raise
             except (ValueError, KeyError, RuntimeError, OSError) as exc:
                 self._drop_partial(name)
-                raise AdapterInvalidError(f"adapter {name!r} cannot be loaded: {exc}") from None
+                raise AdapterInvalidError(
+                    f"adapter {path.name!r} cannot be loaded: {exc}"
+                ) from None
             self.model.eval()
             loaded = LoadedAdapter(name, path, manifest, encoder)
             self.adapters[name] = loaded
