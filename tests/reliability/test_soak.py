@@ -1,0 +1,130 @@
+"""Soak: 5,000 ``/classify`` requests from 32 clients on loopback while 50 adapter loads,
+unloads, replacements and default switches happen, against the real server process.
+
+CI runs it on the tiny model; the same scenario on the offline default model
+(SmolLM2-135M-Instruct, NF4 on CPU) is a ``slow`` benchmark. Both write their numbers to
+``.cache/bench/`` (ignored by git) for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nli.classifier import NLIClassifier
+from nli.default_model import DEFAULT_BASE_MODEL
+from tests.app.conftest import PAIRS, Scores
+from tests.app.helpers import REPO, make_adapter
+from tests.reliability.soak import (
+    DELTA_VERSIONS,
+    SoakResult,
+    SoakServer,
+    prepare,
+    run_soak,
+    write_numbers,
+)
+
+REQUESTS = 5000
+CLIENTS = 32
+ADMIN_OPERATIONS = 50
+RSS_FROM = 1000
+NAMES = ("base", "alpha", "beta", "gamma", *DELTA_VERSIONS[1:])
+BENCH_DIR = REPO / ".cache" / "bench"
+
+
+def assert_soak(result: SoakResult) -> None:
+    statuses = result.statuses()
+    assert result.problems == [], "\n".join(result.problems[:50])
+    assert not [s for s in statuses if s >= 500], statuses
+    assert set(statuses) <= {200, 404}  # 404: gamma asked for while it was unloaded
+    assert len(result.answers) == REQUESTS
+    assert len(result.operations) == ADMIN_OPERATIONS
+    assert result.operations_during_load == ADMIN_OPERATIONS
+    growth = result.rss[REQUESTS] / result.rss[RSS_FROM] - 1
+    assert growth < 0.05, f"server RSS grew {growth:.1%} from request 1,000 to 5,000"
+
+
+def distinct(expected: dict[str, np.ndarray], tolerance: float) -> None:
+    """Every two adapter versions score the pairs visibly apart: a wrong one cannot pass."""
+    names = list(expected)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            gap = np.abs(expected[a] - expected[b]).max(axis=1).min()
+            assert gap > 10 * tolerance, (a, b, gap)
+
+
+def test_soak_on_the_tiny_model(
+    tmp_path: Path, tiny_llama_dir: Path, adapter_store: Path, reference: Scores
+) -> None:
+    prepare(adapter_store, tmp_path / "adapters")
+    expected = {name: reference(PAIRS, name) for name in NAMES}
+    distinct(expected, 1e-4)
+    settings: dict[str, Any] = {"base_model": tiny_llama_dir, "cache_dir": tmp_path / "cache"}
+    with SoakServer(tmp_path, default_adapter="alpha", **settings) as server:
+        result = run_soak(
+            server,
+            adapter_store,
+            expected,
+            PAIRS,
+            requests=REQUESTS,
+            clients=CLIENTS,
+            admin_operations=ADMIN_OPERATIONS,
+            rss_from=RSS_FROM,
+            tolerance=1e-4,
+        )
+    numbers = write_numbers(
+        BENCH_DIR / "soak-tiny.json", result, model="tiny random llama (tests)", omp_threads=1
+    )
+    print(numbers)
+    assert_soak(result)
+
+
+@pytest.mark.slow
+def test_soak_on_the_default_model(tmp_path: Path, default_base: Any) -> None:
+    """The same scenario on SmolLM2-135M-Instruct (NF4, CPU): a benchmark, minutes long."""
+    store = tmp_path / "store"
+    seeds = {"alpha": 1, "beta": 2, "gamma": 3, "alpha-v2": 4}
+    for name, seed in seeds.items():
+        make_adapter(default_base, store / name, seed=seed)
+    classifier = NLIClassifier(default_base)
+    for name in seeds:
+        classifier.attach_adapter(store / name, name=name)
+    expected = {
+        name: np.stack(
+            [classifier.score_pairs([pair], None if name == "base" else name)[0] for pair in PAIRS]
+        )
+        for name in NAMES
+    }
+    for name in seeds:
+        classifier.detach_adapter(name)
+    tolerance = 2e-3  # NF4 on CPU: batched and sequential scores differ more than on the tiny model
+    distinct(expected, tolerance)
+    prepare(store, tmp_path / "adapters")
+    threads = int(os.environ.get("NLI_SOAK_THREADS", "1"))
+    with SoakServer(tmp_path, threads=threads, default_adapter="alpha") as server:
+        result = run_soak(
+            server,
+            store,
+            expected,
+            PAIRS,
+            requests=REQUESTS,
+            clients=CLIENTS,
+            admin_operations=ADMIN_OPERATIONS,
+            rss_from=RSS_FROM,
+            tolerance=tolerance,
+        )
+    numbers = write_numbers(
+        BENCH_DIR / f"soak-{DEFAULT_BASE_MODEL}.json",
+        result,
+        model=DEFAULT_BASE_MODEL,
+        quantization="nf4",
+        device="cpu",
+        omp_threads=threads,
+        cpu_count=os.cpu_count(),
+    )
+    print(numbers)
+    assert_soak(result)
