@@ -103,6 +103,7 @@ def main() -> None:
         "--configs", nargs="+", default=None,
         help="lever sets to compare in one run, e.g. plain prefix prefix+overlap+compile",
     )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON line here")
     args = parser.parse_args()
     # (name, NLIClassifier options) per configuration to measure.
     configs: list[tuple[str, dict[str, Any]]] = []
@@ -164,6 +165,9 @@ def main() -> None:
             "(accuracy {accuracy}, first pass {warmup_s} s)".format(**row)
         )
     print(json.dumps(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"benchmark": "eval_throughput", **result}) + "\n")
 
 
 if __name__ == "__main__":

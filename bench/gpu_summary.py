@@ -1,0 +1,207 @@
+"""One table, target by target, from the JSON results of the benchmark scripts.
+
+    python -m bench.gpu_summary RESULT.json [...]
+
+Reads what ``bench.classify_latency``, ``bench.train_throughput`` and ``bench.eval_throughput``
+write with ``--out`` and prints a Markdown table (target, goal, measured, where, commit): the
+short summary ``bench/run_gpu.sh`` ends with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+Row = tuple[str, str, str, str]
+
+# (model, on a GPU) -> 1-client p50 goal in ms; hot-swap goal in ms.
+P50_GOAL_MS = {("smollm2", True): 10, ("qwen2-1.5b", True): 15, ("smollm2", False): 80}
+SWAP_GOAL_MS = {"smollm2": 300, "qwen2-1.5b": 1000}
+EVAL_GOAL = {"smollm2": 15000, "qwen2-1.5b": 3000}
+TRAIN_GOAL = {"smollm2": 2000, "qwen2-1.5b": 450}
+
+
+def mark(value: float | None, goal: float | None, *, lower_is_better: bool = False) -> str:
+    if goal is None:
+        return "no goal here"
+    if value is None:
+        return "n/a"
+    met = value <= goal if lower_is_better else value >= goal
+    return "met" if met else "MISSED"
+
+
+def classify_rows(r: dict[str, Any]) -> list[Row]:
+    model, gpu = r["model"], "CPU" not in r["machine"]
+    rows: list[Row] = []
+    if "one_client" in r:
+        p50, p99 = r["one_client"]["p50_ms"], r["one_client"]["p99_ms"]
+        goal = P50_GOAL_MS.get((model, gpu))
+        verdict = f" ({mark(p50, goal, lower_is_better=True)})" if goal else ""
+        rows.append(
+            (
+                f"/classify 1 client, {model}",
+                f"p50 <= {goal} ms" if goal else "-",
+                f"p50 {p50} ms, p99 {p99} ms{verdict}",
+                f"n={r['one_client']['n']}"
+                + (
+                    f"; in-process score_pairs p50 {r['direct']['p50_ms']} ms"
+                    if "direct" in r
+                    else ""
+                ),
+            )
+        )
+    if "load" in r:
+        load = r["load"]
+        goal = 1500 if model == "smollm2" and gpu else None
+        verdict = f" ({mark(load['requests_per_s'], goal)})" if goal else ""
+        batching = load.get("batching") or {}
+        rows.append(
+            (
+                f"/classify {load['clients']} clients, {model}",
+                f">= {goal} req/s" if goal else "-",
+                f"{load['requests_per_s']} req/s, p50 {load['latency_p50_ms']} ms, "
+                f"p99 {load['latency_p99_ms']} ms, errors {load['errors']}{verdict}",
+                f"{load['window_s']} s window, {load['client_processes']} client procs, "
+                f"{batching.get('mean_requests_per_pass', '?')} req/forward",
+            )
+        )
+    if "hot_swap" in r:
+        swap = r["hot_swap"]
+        goal = SWAP_GOAL_MS.get(model) if gpu else None
+        value = swap["median_load_plus_first_use_ms"]
+        verdict = f" ({mark(swap['max_load_plus_first_use_ms'], goal, lower_is_better=True)})"
+        rows.append(
+            (
+                f"hot swap load + first use, {model}",
+                f"<= {goal} ms" if goal else "-",
+                f"median {value} ms, max {swap['max_load_plus_first_use_ms']} ms"
+                + (verdict if goal else ""),
+                f"load {swap['median_load_ms']} ms + first /classify "
+                f"{swap['median_first_classify_ms']} ms; {r['adapter']['bytes'] / 2**20:.0f} MiB "
+                f"{r['adapter']['dtype']} r={r['adapter']['rank']}",
+            )
+        )
+    if "swaps_under_load" in r:
+        s = r["swaps_under_load"]
+        check = s["check"]
+        wrong = check.get("wrong_adapter_name", 0) + check.get("nearer_other_adapter", 0)
+        failed = s["errors"] + wrong
+        rows.append(
+            (
+                f"swaps under load, {model}",
+                "0 failed requests",
+                f"{s['errors']} failed of {sum(s['statuses'].values())}, "
+                f"{wrong} scored by a wrong adapter ({'met' if failed == 0 else 'MISSED'})",
+                f"{s['cycles']} load/default/unload cycles, {s['requests_per_s']} req/s, "
+                f"p99 {s['latency_p99_ms']} ms, admin failures {s['admin_failures']}, max score "
+                f"deviation {check['max_deviation']} vs adapter gap "
+                f"{check['median_gap_between_adapters']}",
+            )
+        )
+    return rows
+
+
+def train_rows(r: dict[str, Any]) -> list[Row]:
+    gpu = "CPU" not in r["machine"]
+    rows: list[Row] = []
+    for run in r["runs"]:
+        model, kind = run["model"], run["kind"]
+        label = f"training {kind}, {model}"
+        if run["status"] != "ok":
+            rows.append((label, "-", run["status"], " / ".join(run.get("log_tail", []))[-200:]))
+            continue
+        rate = run.get("examples_per_s")
+        peak = run.get("peak_process_gib_est", run.get("peak_rss_gib"))
+        detail = (
+            f"batch {run['batch_size']}x{run.get('grad_accum', 1)}, peak allocated "
+            f"{run.get('peak_allocated_gib', '?')} GiB, process ~{peak} GiB; report.json-style "
+            f"{run.get('report_examples_per_s')} ex/s"
+        )
+        if kind == "real" and model in TRAIN_GOAL and gpu:
+            goal = TRAIN_GOAL[model]
+            rows.append((label, f">= {goal} ex/s", f"{rate} ex/s ({mark(rate, goal)})", detail))
+        elif kind == "low-memory":
+            rows.append(
+                (
+                    label,
+                    "fits in 6 GB",
+                    f"{rate} ex/s, ~{peak} GiB ({mark(peak, 6.0, lower_is_better=True)})",
+                    detail,
+                )
+            )
+        else:
+            rows.append((label, "-", f"{rate} ex/s", detail))
+    if r.get("speedup_vs_naive"):
+        rows.append(
+            (
+                f"training speed-up vs naive, {r['model']}",
+                "ratio",
+                f"{r['speedup_vs_naive']}x",
+                "same call",
+            )
+        )
+    return rows
+
+
+def eval_rows(r: dict[str, Any]) -> list[Row]:
+    model = r["model"]
+    goal = EVAL_GOAL.get(model)
+    rows: list[Row] = []
+    for row in r["results"]:
+        rate = row["pairs_per_s"]
+        rows.append(
+            (
+                f"eval {model} [{row['config']}]",
+                f">= {goal} pairs/s" if goal else "-",
+                f"{rate} pairs/s" + (f" ({mark(rate, goal)})" if goal else ""),
+                f"batch {row['batch_size']}, {row['pairs']} pairs, accuracy {row['accuracy']}, "
+                f"first pass {row['warmup_s']} s",
+            )
+        )
+    if r.get("generate_pairs_per_s"):
+        ratio = r.get("speedup_vs_generate")
+        rows.append(
+            (
+                f"eval {model} vs per-pair generate",
+                ">= 500x",
+                f"{ratio}x ({mark(ratio, 500)})",
+                f"generate {r['generate_pairs_per_s']} pairs/s",
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("results", nargs="*", type=Path)
+    args = parser.parse_args()
+    rows: list[tuple[Row, str, str]] = []
+    for path in args.results:
+        try:
+            result = json.loads(path.read_text().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError) as exc:
+            print(f"skipping {path}: {exc}")
+            continue
+        kind = result.get("benchmark")
+        where = result.get("machine") or result.get("card", "?")
+        commit = result.get("commit") or "?"
+        make = {"classify_latency": classify_rows, "train_throughput": train_rows}.get(
+            kind, eval_rows if kind == "eval_throughput" else None
+        )
+        if make is None:
+            print(f"skipping {path}: unknown benchmark {kind!r}")
+            continue
+        try:
+            rows += [(row, where, commit) for row in make(result)]
+        except (KeyError, TypeError, ValueError) as exc:  # a partial result: say so, go on
+            rows.append(((f"{kind} {path.name}", "-", f"unreadable: {exc!r}", "-"), where, commit))
+    print("| target | goal | measured | details | where | commit |")
+    print("|---|---|---|---|---|---|")
+    for (target, goal, measured, details), where, commit in rows:
+        print(f"| {target} | {goal} | {measured} | {details} | {where} | {commit} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite of issue 6 in ONE device call of at most 8 minutes.
+#
+# Device command (repo root; carry .gpu/site.tar.xz, .gpu/data, .gpu/mysmoke/site for
+# prometheus_client, plus the staged model parts on a fresh machine, see ../shared/gpu):
+#   tar -xJf .gpu/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/site:$PWD/.gpu/mysmoke/site:$PWD \
+#     && export NLI_CACHE_DIR=$PWD/.gpu/cache HF_HUB_OFFLINE=1 && bash bench/run_gpu.sh
+#
+# Environment: OUT (required; what comes back), DATA (SNLI folder, default .gpu/data),
+# BUDGET_S (default 470: the suite stops starting steps so that it ends by then),
+# STEPS (which steps, in order; default all, most important first):
+#   classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen
+# e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
+#
+# Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
+# eat the call. Comes back in $OUT: summary.md (the table printed last), results.jsonl (every
+# step's JSON result) and logs.tar.gz (all logs and server logs).
+set -uo pipefail
+: "${OUT:?set OUT}"
+DATA=${DATA:-.gpu/data}
+BUDGET_S=${BUDGET_S:-470}
+STEPS=${STEPS:-classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen}
+PY=${PYTHON:-python3}
+export NLI_SNLI_DIR=${NLI_SNLI_DIR:-$PWD/$DATA}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+LOGS=$(mktemp -d /tmp/nli-bench.XXXXXX)
+START=$SECONDS
+NOTES=()
+
+# step NAME BUDGET_SECONDS COMMAND...: run with a timeout; log to $LOGS/NAME.log.
+step() {
+  local name=$1 budget=$2
+  shift 2
+  local left=$((BUDGET_S - (SECONDS - START) - 15))
+  ((budget > left)) && budget=$left
+  if ((budget < 30)); then
+    NOTES+=("$name: skipped, out of time (rerun with STEPS=$name)")
+    echo "== $name skipped: out of time"
+    return
+  fi
+  echo "== $name (timeout ${budget} s, at $((SECONDS - START)) s)"
+  local t0=$SECONDS
+  timeout -k 10 "$budget" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  NOTES+=("$name: exit $rc after $((SECONDS - t0)) s")
+  tail -n 2 "$LOGS/$name.log" | cut -c1-300
+}
+
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
+if ! $PY -c "import fastapi, uvicorn, prometheus_client, pydantic_settings, bitsandbytes" 2>"$LOGS/imports.log"; then
+  NOTES+=("server dependencies missing (see imports.log): classify steps will fail")
+fi
+# The converted default model and the random Qwen2-1.5B shape, built once for every step.
+if [[ "$STEPS" == *qwen* ]]; then
+  step prepare 120 $PY -c "from bench.common import resolve_model as r; print(r('smollm2'), r('qwen2-1.5b'))"
+fi
+
+for name in $STEPS; do
+  case $name in
+    classify-smollm2 | classify-qwen)
+      model=smollm2 budget=100 requests=300
+      [[ $name == classify-qwen ]] && model=qwen2-1.5b budget=150 requests=200
+      step "$name" $budget $PY -m bench.classify_latency --model $model --device cuda \
+        --data "$DATA/test.jsonl" --requests $requests --duration 6 --swaps 5 --swap-cycles 6 \
+        --direct-baseline \
+        --server-log "$LOGS/server-$model.log" --out "$LOGS/$name.json"
+      ;;
+    train-smollm2)
+      step "$name" 110 $PY -m bench.train_throughput --model smollm2 --naive-baseline \
+        --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
+      ;;
+    train-qwen)
+      step "$name" 180 $PY -m bench.train_throughput --model qwen2-1.5b --batch-size 128 \
+        --low-memory --naive-baseline --data-dir "$DATA" --log-dir "$LOGS" \
+        --out "$LOGS/$name.json"
+      ;;
+    eval-smollm2)
+      step "$name" 120 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
+        --configs plain prefix+overlap+compile --batch-sizes 1024 --repeats 1 \
+        --out "$LOGS/$name.json"
+      ;;
+    eval-qwen)
+      step "$name" 150 $PY -m bench.eval_throughput --model qwen2-1.5b --data "$DATA/test.jsonl" \
+        --configs plain prefix+overlap+compile --batch-sizes 1024 --repeats 1 \
+        --generate-baseline 20 --out "$LOGS/$name.json"
+      ;;
+    *) NOTES+=("$name: unknown step") ;;
+  esac
+done
+
+shopt -s nullglob
+results=()
+for name in $STEPS; do
+  [[ -f "$LOGS/$name.json" ]] && results+=("$LOGS/$name.json")
+done
+cat "${results[@]}" /dev/null >"$OUT/results.jsonl"
+{
+  echo "# GPU benchmarks ($(head -n 1 "$LOGS/gpu.txt"), $(date -u +%F), ${BENCH_COMMIT:-commit unknown})"
+  echo
+  $PY -m bench.gpu_summary "${results[@]}"
+  echo
+  printf -- '- %s\n' "${NOTES[@]}" "total $((SECONDS - START)) s"
+} >"$OUT/summary.md" 2>&1
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
+cat "$OUT/summary.md"

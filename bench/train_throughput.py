@@ -1,0 +1,439 @@
+"""Training throughput (examples/s) and peak GPU memory of the real training path, and of the
+naive Hugging Face recipe for the speed-up ratio, in one command.
+
+    python -m bench.train_throughput [--model smollm2|qwen2-1.5b|FOLDER] [--low-memory]
+        [--naive-baseline] [--steps N] [--warmup-steps W] [--batch-size B] [--grad-accum A]
+        [--device auto|cpu] [--data-dir DIR] [--set section.key=value ...] [--out result.json]
+
+Runs, each in its own process (clean peak-memory counters, no state carried over):
+
+- ``real``: ``nli-train train``'s training phase (``training.train._fit``: the recipe, data
+  preparation, the 4-bit base + LoRA, ``NLITrainer``) for a fixed number of optimizer steps. The
+  SmolLM2 run uses the shipped adapter's settings (``lora.r=16 lora.alpha=32
+  train.learning_rate=4e-4 data.extra_train_from_dev=2000:``, batch 128); other models use the
+  ``qwen2.5-1.5b-snli`` recipe (r=16, all linear layers) on the local SNLI files.
+- ``low-memory`` (``--low-memory``): the same with gradient checkpointing, batch 32 x 2
+  accumulation steps, and the allocator capped (``--memory-cap-gib``, default 5.5 GiB, so that
+  with the CUDA context the process fits in 6 GB); a run that does not fit fails with OOM.
+- ``naive`` (``--naive-baseline``): the naive recipe on the same 4-bit base: plain ``Trainer``
+  on ``AutoModelForCausalLM`` + LoRA r=16 on all linear layers, full-vocabulary SFT loss on the
+  prompt + answer text (labels = input ids), every example padded to ``--naive-max-length``,
+  batch 4, gradient checkpointing.
+
+examples/s is measured over the steps after ``--warmup-steps`` (one device sync at each end of
+that window, none per step); ``report_examples_per_s`` is what report.json would say (the whole
+``Trainer.train`` call minus evaluation, first steps included). Evaluation is kept out of the
+way: ``eval.strategy=steps`` with an interval past the last step (``nli-train`` has no "no"
+strategy) evaluates once at the end on ``data.dev_rows=:256``, outside the window, with the
+collapse check and early stopping off (random weights sit at chance). Model loading, data
+preparation and that evaluation are never timed. No adapter is saved and no final report is
+written (those happen after training in ``nli-train train``).
+
+On CPU, for a functional check: ``--device cpu --steps 2 --batch-size 8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import MODEL_CHOICES, REPO_ROOT, git_commit, machine, resolve_model
+
+SHIPPED_SETTINGS = [
+    "lora.r=16",
+    "lora.alpha=32",
+    "train.learning_rate=4e-4",
+    "data.extra_train_from_dev=2000:",
+]
+# Default optimizer steps (and warm-up steps left out of the window) per run kind and model.
+DEFAULT_STEPS = {
+    ("real", "smollm2"): (60, 10),
+    ("real", "other"): (30, 6),
+    ("low-memory", "other"): (15, 3),
+    ("naive", "smollm2"): (30, 5),
+    ("naive", "other"): (15, 3),
+}
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def make_step_timer(warmup_steps: int) -> Any:
+    """A ``TrainerCallback`` that timestamps the end of step ``warmup_steps`` and of the last
+    step, synchronising the device only at those two points."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: dict[int, float] = {}
+            self.train_started = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.train_started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step in (warmup_steps, state.max_steps):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.marks[state.global_step] = time.perf_counter()
+
+    return StepTimer()
+
+
+def window_stats(timer: Any, *, steps: int, warmup: int, examples_per_step: int) -> dict[str, Any]:
+    start, end = timer.marks.get(warmup), timer.marks.get(steps)
+    if start is None or end is None or end <= start:
+        return {"examples_per_s": None, "window_steps": 0}
+    examples = (steps - warmup) * examples_per_step
+    return {
+        "examples_per_s": round(examples / (end - start), 1),
+        "window_steps": steps - warmup,
+        "window_s": round(end - start, 2),
+        "first_steps_s": round(start - timer.train_started, 2),
+    }
+
+
+def memory_stats(device: Any) -> dict[str, Any]:
+    """Peak allocated/reserved by torch, and an estimate of the whole process's peak footprint
+    (peak reserved + what the device uses beyond torch's pool: CUDA context, cuBLAS, ...)."""
+    import torch
+
+    if device.type != "cuda":
+        import resource
+
+        return {
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        }
+    free, total = torch.cuda.mem_get_info(device)
+    outside_pool = (total - free) - torch.cuda.memory_reserved(device)
+    peak_reserved = torch.cuda.max_memory_reserved(device)
+    return {
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "peak_reserved_gib": round(peak_reserved / 2**30, 2),
+        "outside_pool_gib": round(outside_pool / 2**30, 2),
+        "peak_process_gib_est": round((peak_reserved + outside_pool) / 2**30, 2),
+        "card": torch.cuda.get_device_name(device),
+    }
+
+
+def cap_memory(cap_gib: float | None, device: str) -> None:
+    import torch
+
+    if not cap_gib or device == "cpu" or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), 0)
+
+
+# -- the runs (each in its own process) -------------------------------------------------------
+
+
+def run_real(spec: dict[str, Any]) -> dict[str, Any]:
+    """The training phase of ``nli-train train`` for ``spec['steps']`` optimizer steps."""
+    from training.recipe import load_config
+    from training.train import Distributed, _fit
+
+    steps, warmup = spec["steps"], spec["warmup"]
+    batch, accum = spec["batch_size"], spec["grad_accum"]
+    recipe = "smollm2-135m-snli" if spec["model"] == "smollm2" else "qwen2.5-1.5b-snli"
+    overrides = [] if spec["model"] != "smollm2" else list(SHIPPED_SETTINGS)
+    if spec["model"] != "smollm2":
+        overrides += [
+            "data.train_file={snli_dir}/train.jsonl",
+            "data.dev_file={snli_dir}/dev.jsonl",
+            "data.extra_train_from_dev=2000:",
+        ]
+    overrides += [
+        f"model.base_model={spec['base_model']}",
+        f"model.device={spec['device']}",
+        f"train.max_steps={steps}",
+        f"train.batch_size={batch}",
+        f"train.grad_accum={accum}",
+        # Exactly enough full batches: no short batch, no epoch boundary inside the window.
+        f"data.max_train_examples={(steps + 1) * batch * accum}",
+        "data.dev_rows=:256",
+        "eval.strategy=steps",
+        f"eval.steps={steps + 1000}",
+        "eval.collapse_accuracy=null",
+        "eval.early_stopping_patience=null",
+        "eval.compare_base=false",
+        "train.report_to=none",
+        "train.logging_steps=1000000",
+    ]
+    if spec["low_memory"]:
+        overrides.append("model.gradient_checkpointing=true")
+    overrides += spec["overrides"]
+    work = Path(tempfile.mkdtemp(prefix="nli-bench-train-"))
+    cfg = load_config(recipe, overrides, output=str(work / "adapter"))
+    cap_memory(spec.get("memory_cap_gib"), spec["device"])
+    timer = make_step_timer(warmup)
+    session = _fit(cfg, work / "adapter.work", Distributed(), checkpoint=None, callbacks=[timer])
+    stats = session.stats
+    return {
+        **window_stats(timer, steps=steps, warmup=warmup, examples_per_step=batch * accum),
+        "report_examples_per_s": stats["examples_per_s"],
+        "steps": stats["steps"],
+        "batch_size": batch,
+        "grad_accum": accum,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "mean_prompt_tokens": session.data.summary.get("mean_prompt_tokens"),
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout},
+        "optimizer": cfg.train.optimizer,
+        "recipe": recipe,
+        "overrides": overrides,
+        **memory_stats(session.device),
+    }
+
+
+def run_naive(spec: dict[str, Any]) -> dict[str, Any]:
+    """The naive recipe: full-vocabulary SFT loss on padded prompt + answer text, batch 4."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments
+
+    from nli.data import read_nli_file
+    from nli.labels import LABELS
+    from nli.loading import load_base_model
+    from nli.prompt import get_prompt_format, label_texts, render_prompt
+
+    steps, warmup, batch = spec["steps"], spec["warmup"], spec["batch_size"]
+    cap_memory(spec.get("memory_cap_gib"), spec["device"])
+    base = load_base_model(spec["base_model"], device=spec["device"], for_training=True)
+    tokenizer, fmt = base.tokenizer, get_prompt_format()
+    answers = label_texts(tokenizer)
+    examples = read_nli_file(Path(spec["data_dir"]) / "train.jsonl").examples
+    examples = examples[: (steps + 1) * batch]
+    texts = [
+        render_prompt(tokenizer, e.premise, e.hypothesis, fmt)
+        + answers[e.label]
+        + tokenizer.eos_token
+        for e in examples
+    ]
+    encoded = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=spec["max_length"],
+        return_tensors="pt",
+    )
+    labels = encoded["input_ids"].clone()
+    labels[encoded["attention_mask"] == 0] = -100
+
+    class TextDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+        def __len__(self) -> int:
+            return len(labels)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {
+                "input_ids": encoded["input_ids"][i],
+                "attention_mask": encoded["attention_mask"][i],
+                "labels": labels[i],
+            }
+
+    checkpointing = {"use_reentrant": False}
+    model = prepare_model_for_kbit_training(
+        base.model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=checkpointing
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    cuda = base.device.type == "cuda"
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="nli-bench-naive-"),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=2e-4,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs=checkpointing,
+        save_strategy="no",
+        logging_steps=1_000_000,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    timer = make_step_timer(warmup)
+    trainer = Trainer(model=model, args=args, train_dataset=TextDataset(), callbacks=[timer])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(base.device)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return {
+        **window_stats(timer, steps=steps, warmup=warmup, examples_per_step=batch),
+        "report_examples_per_s": round(steps * batch / seconds, 1),
+        "steps": trainer.state.global_step,
+        "batch_size": batch,
+        "max_length": spec["max_length"],
+        "label_words": list(LABELS),
+        "gradient_checkpointing": True,
+        **memory_stats(base.device),
+    }
+
+
+def worker(spec_json: str, result_path: Path) -> None:
+    spec = json.loads(spec_json)
+    if spec.get("data_dir"):
+        os.environ["NLI_SNLI_DIR"] = spec["data_dir"]
+    result = run_naive(spec) if spec["kind"] == "naive" else run_real(spec)
+    result_path.write_text(json.dumps(result) + "\n")
+
+
+# -- orchestration ----------------------------------------------------------------------------
+
+
+def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    kinds = ["real"]
+    if args.low_memory:
+        kinds.append("low-memory")
+    if args.naive_baseline:
+        kinds.append("naive")
+    if args.only:
+        kinds = args.only
+    runs = []
+    family = "smollm2" if args.model == "smollm2" else "other"
+    for kind in kinds:
+        steps, warmup = DEFAULT_STEPS.get((kind, family), DEFAULT_STEPS[(kind, "other")])
+        steps = args.steps or steps
+        warmup = min(args.warmup_steps if args.warmup_steps is not None else warmup, steps - 1)
+        spec: dict[str, Any] = {
+            "kind": kind,
+            "model": args.model,
+            "device": args.device,
+            "steps": steps,
+            "warmup": max(warmup, 0),
+            "overrides": args.set,
+            "data_dir": str(args.data_dir) if args.data_dir else None,
+            "low_memory": kind == "low-memory",
+        }
+        if kind == "real":
+            spec.update(batch_size=args.batch_size or (128 if family == "smollm2" else 64))
+            spec.update(grad_accum=args.grad_accum)
+        elif kind == "low-memory":
+            spec.update(batch_size=args.low_memory_batch_size, grad_accum=args.low_memory_accum)
+            spec.update(memory_cap_gib=args.memory_cap_gib)
+        else:
+            spec.update(batch_size=args.naive_batch_size, max_length=args.naive_max_length)
+        runs.append(spec)
+    return runs
+
+
+def launch(spec: dict[str, Any], log_dir: Path, timeout: float) -> dict[str, Any]:
+    name = f"{spec['kind']}-{Path(spec['model']).name}"
+    result_path = log_dir / f"train-{name}.json"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "bench.train_throughput", "--worker", json.dumps(spec)]
+    cmd += ["--result", str(result_path)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    started = time.perf_counter()
+    with open(log_dir / f"train-{name}.log", "wb") as log:
+        try:
+            code: int | str = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    row: dict[str, Any] = {"run": name, "kind": spec["kind"], "model": spec["model"]}
+    row["wall_s"] = round(time.perf_counter() - started, 1)
+    if code == 0 and result_path.is_file():
+        row.update(status="ok", **json.loads(result_path.read_text()))
+    else:
+        tail = (log_dir / f"train-{name}.log").read_text(errors="replace").splitlines()[-3:]
+        row.update(status=f"failed ({code})", log_tail=tail)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2", help=MODEL_CHOICES)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--low-memory", action="store_true", help="add the low-memory run")
+    parser.add_argument("--naive-baseline", action="store_true", help="add the naive recipe")
+    parser.add_argument(
+        "--only", nargs="+", choices=["real", "low-memory", "naive"], help="runs to do"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="steps before the window")
+    parser.add_argument("--batch-size", type=int, default=None, help="real run (recipe's)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="real run")
+    parser.add_argument("--low-memory-batch-size", type=int, default=32)
+    parser.add_argument("--low-memory-accum", type=int, default=2)
+    parser.add_argument("--memory-cap-gib", type=float, default=5.5, help="low-memory run")
+    parser.add_argument("--naive-batch-size", type=int, default=4)
+    parser.add_argument("--naive-max-length", type=int, default=256)
+    parser.add_argument(
+        "--data-dir", type=Path, default=None,
+        help="folder of train.jsonl and dev.jsonl (default: $NLI_SNLI_DIR or ../shared/data/snli)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="more recipe overrides for the real and low-memory runs",
+    )  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument("--log-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.result)
+        return
+
+    from training.config import snli_dir
+
+    args.data_dir = (args.data_dir or snli_dir()).resolve()
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="nli-bench-train-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    base_model = resolve_model(args.model)
+    rows = []
+    for spec in plan_runs(args):
+        spec["base_model"] = base_model
+        row = launch(spec, log_dir, args.timeout)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    speedup = None
+    real = next((r for r in rows if r["kind"] == "real" and r["status"] == "ok"), None)
+    naive = next((r for r in rows if r["kind"] == "naive" and r["status"] == "ok"), None)
+    if real and naive and real["examples_per_s"] and naive["examples_per_s"]:
+        speedup = round(real["examples_per_s"] / naive["examples_per_s"], 1)
+    result = {
+        "benchmark": "train_throughput",
+        "model": args.model,
+        "machine": machine(args.device),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": rows,
+        "speedup_vs_naive": speedup,
+    }
+    print(f"\ntraining throughput on {result['machine']}, model {args.model}")
+    print(f"{'run':<28} {'ex/s':>8} {'report ex/s':>12} {'batch':>9} {'peak GiB':>9} {'status'}")
+    for row in rows:
+        batch = f"{row.get('batch_size', '')}x{row.get('grad_accum', 1)}"
+        peak = row.get("peak_process_gib_est", row.get("peak_rss_gib", ""))
+        print(
+            f"{row['run']:<28} {row.get('examples_per_s') or '-':>8} "
+            f"{row.get('report_examples_per_s') or '-':>12} {batch:>9} {peak:>9} {row['status']}"
+        )
+    if speedup:
+        print(f"real / naive: {speedup}x")
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
