@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from nli.classifier import NLIClassifier
 from nli.default_model import DEFAULT_BASE_MODEL
 from tests.app.conftest import PAIRS, Scores
-from tests.app.helpers import REPO, make_adapter
+from tests.app.helpers import REPO
 from tests.reliability.soak import (
     DELTA_VERSIONS,
     SoakResult,
@@ -49,12 +50,52 @@ def assert_soak(result: SoakResult) -> None:
 
 
 def distinct(expected: dict[str, np.ndarray], tolerance: float) -> None:
-    """Every two adapter versions score the pairs visibly apart: a wrong one cannot pass."""
+    """Every two adapter versions score every pair more than twice the tolerance apart, so an
+    answer within the tolerance of one version cannot be within it of another."""
     names = list(expected)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             gap = np.abs(expected[a] - expected[b]).max(axis=1).min()
-            assert gap > 10 * tolerance, (a, b, gap)
+            assert gap > 2 * tolerance, (a, b, gap)
+
+
+def make_head_adapter(base: Any, folder: Path, *, seed: int) -> Path:
+    """A random LoRA (``init_lora_weights=False``) on the last layer's ``down_proj`` only.
+
+    On the default model in bf16 (CPU), the same pair scored alone or in a batch differs by up
+    to ~0.03 in probability, and a random LoRA on every layer amplifies that to ~0.3: versions
+    could not be told apart. One strong update at the end moves the label probabilities far
+    (every two versions >= ~0.15 apart on every pair) while the noise stays the base model's.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from nli.labels import LABELS
+    from nli.manifest import AdapterManifest, write_manifest
+    from nli.prompt import CURRENT_PROMPT_FORMAT
+    from nli.scoring import label_tokens
+
+    last = base.model.config.num_hidden_layers - 1
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=8 * 128,
+        target_modules=rf"model\.layers\.{last}\.mlp\.down_proj",
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(base.model, config)
+    peft_model.save_pretrained(folder)
+    base.model = peft_model.unload()
+    manifest = AdapterManifest(
+        base_model=base.ref.name,
+        base_model_fingerprint=base.ref.fingerprint,
+        quantization=base.quantization,
+        prompt_format=CURRENT_PROMPT_FORMAT,
+        label_words=list(LABELS),
+        label_token_ids=[list(seq) for seq in label_tokens(base.tokenizer).sequences],
+        training_data={"source": "random soak adapter", "seed": seed},
+    )
+    write_manifest(folder, manifest)
+    return folder
 
 
 def test_soak_on_the_tiny_model(
@@ -89,7 +130,7 @@ def test_soak_on_the_default_model(tmp_path: Path, default_base: Any) -> None:
     store = tmp_path / "store"
     seeds = {"alpha": 1, "beta": 2, "gamma": 3, "alpha-v2": 4}
     for name, seed in seeds.items():
-        make_adapter(default_base, store / name, seed=seed)
+        make_head_adapter(default_base, store / name, seed=seed)
     classifier = NLIClassifier(default_base)
     for name in seeds:
         classifier.attach_adapter(store / name, name=name)
@@ -101,7 +142,7 @@ def test_soak_on_the_default_model(tmp_path: Path, default_base: Any) -> None:
     }
     for name in seeds:
         classifier.detach_adapter(name)
-    tolerance = 2e-3  # NF4 on CPU: batched and sequential scores differ more than on the tiny model
+    tolerance = 0.07  # bf16 on CPU: a pair scored in a batch differs from alone by up to ~0.03
     distinct(expected, tolerance)
     prepare(store, tmp_path / "adapters")
     threads = int(os.environ.get("NLI_SOAK_THREADS", "1"))
