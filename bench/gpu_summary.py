@@ -116,9 +116,12 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
         peak = run.get("peak_process_gib_est", run.get("peak_rss_gib"))
         detail = (
             f"batch {run['batch_size']}x{run.get('grad_accum', 1)}, peak allocated "
-            f"{run.get('peak_allocated_gib', '?')} GiB, process ~{peak} GiB; report.json-style "
-            f"{run.get('report_examples_per_s')} ex/s"
+            f"{run.get('train_peak_allocated_gib', '?')} GiB in training steps, "
+            f"{run.get('peak_allocated_gib', '?')} GiB with the end evaluation, process ~{peak} "
+            f"GiB; report.json-style {run.get('report_examples_per_s')} ex/s"
         )
+        if run.get("error_after_training"):
+            detail += f"; after training: {run['error_after_training'][:120]}"
         if kind == "real" and model in TRAIN_GOAL and gpu:
             goal = TRAIN_GOAL[model]
             rows.append((label, f">= {goal} ex/s", f"{rate} ex/s ({mark(rate, goal)})", detail))

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite of issue 6 in ONE device call of at most 8 minutes.
 #
-# Device command (repo root; carry .gpu/site.tar.xz, .gpu/data, .gpu/mysmoke/site for
-# prometheus_client, plus the staged model parts on a fresh machine, see ../shared/gpu):
-#   tar -xJf .gpu/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/site:$PWD/.gpu/mysmoke/site:$PWD \
-#     && export NLI_CACHE_DIR=$PWD/.gpu/cache HF_HUB_OFFLINE=1 && bash bench/run_gpu.sh
+# Device command (repo root; carry .gpu/site.tar.xz (with prometheus_client) and .gpu/data, plus
+# the staged model parts on a fresh machine, see ../shared/gpu/stage-model.sh):
+#   tar -xJf .gpu/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/site:$PWD \
+#     && export NLI_CACHE_DIR=$PWD/.gpu/cache HF_HUB_OFFLINE=1 BENCH_COMMIT=<sha> \
+#     && bash bench/run_gpu.sh
 #
 # Environment: OUT (required; what comes back), DATA (SNLI folder, default .gpu/data),
 # BUDGET_S (default 470: the suite stops starting steps so that it ends by then),
@@ -60,11 +61,11 @@ fi
 for name in $STEPS; do
   case $name in
     classify-smollm2 | classify-qwen)
-      model=smollm2 budget=100 requests=300
-      [[ $name == classify-qwen ]] && model=qwen2-1.5b budget=150 requests=200
+      model=smollm2 budget=100 requests=300 swaps=5
+      [[ $name == classify-qwen ]] && model=qwen2-1.5b budget=150 requests=150 swaps=3
       step "$name" $budget $PY -m bench.classify_latency --model $model --device cuda \
-        --data "$DATA/test.jsonl" --requests $requests --duration 6 --swaps 5 --swap-cycles 6 \
-        --direct-baseline \
+        --data "$DATA/test.jsonl" --requests $requests --duration 6 --swaps $swaps \
+        --swap-cycles 6 --direct-baseline \
         --server-log "$LOGS/server-$model.log" --out "$LOGS/$name.json"
       ;;
     train-smollm2)
@@ -72,9 +73,9 @@ for name in $STEPS; do
         --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
     train-qwen)
-      step "$name" 180 $PY -m bench.train_throughput --model qwen2-1.5b --batch-size 128 \
-        --low-memory --naive-baseline --data-dir "$DATA" --log-dir "$LOGS" \
-        --out "$LOGS/$name.json"
+      # The naive ratio comes from SmolLM2 (train-smollm2); add --naive-baseline for the 1.5B's.
+      step "$name" 150 $PY -m bench.train_throughput --model qwen2-1.5b --batch-size 128 \
+        --low-memory --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
     eval-smollm2)
       step "$name" 120 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
@@ -82,7 +83,7 @@ for name in $STEPS; do
         --out "$LOGS/$name.json"
       ;;
     eval-qwen)
-      step "$name" 150 $PY -m bench.eval_throughput --model qwen2-1.5b --data "$DATA/test.jsonl" \
+      step "$name" 200 $PY -m bench.eval_throughput --model qwen2-1.5b --data "$DATA/test.jsonl" \
         --configs plain prefix+overlap+compile --batch-sizes 1024 --repeats 1 \
         --generate-baseline 20 --out "$LOGS/$name.json"
       ;;

@@ -75,6 +75,7 @@ def make_step_timer(warmup_steps: int) -> Any:
         def __init__(self) -> None:
             self.marks: dict[int, float] = {}
             self.train_started = 0.0
+            self.peaks: dict[str, float] = {}
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.train_started = time.perf_counter()
@@ -84,6 +85,12 @@ def make_step_timer(warmup_steps: int) -> Any:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.marks[state.global_step] = time.perf_counter()
+            if state.global_step == state.max_steps and torch.cuda.is_available():
+                # Peaks of the training steps alone (the end-of-run evaluation comes after).
+                self.peaks = {
+                    "train_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    "train_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                }
 
     return StepTimer()
 
@@ -98,6 +105,7 @@ def window_stats(timer: Any, *, steps: int, warmup: int, examples_per_step: int)
         "window_steps": steps - warmup,
         "window_s": round(end - start, 2),
         "first_steps_s": round(start - timer.train_started, 2),
+        **timer.peaks,
     }
 
 
@@ -169,16 +177,36 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
         "train.logging_steps=1000000",
     ]
     if spec["low_memory"]:
-        overrides.append("model.gradient_checkpointing=true")
+        # The evaluation batch must fit the same budget (the recipe's 256-512 rows do not).
+        overrides += ["model.gradient_checkpointing=true", f"eval.batch_size={batch}"]
     overrides += spec["overrides"]
     work = Path(tempfile.mkdtemp(prefix="nli-bench-train-"))
     cfg = load_config(recipe, overrides, output=str(work / "adapter"))
     cap_memory(spec.get("memory_cap_gib"), spec["device"])
     timer = make_step_timer(warmup)
-    session = _fit(cfg, work / "adapter.work", Distributed(), checkpoint=None, callbacks=[timer])
+    window = {"examples_per_step": batch * accum, "steps": steps, "warmup": warmup}
+    try:
+        session = _fit(
+            cfg, work / "adapter.work", Distributed(), checkpoint=None, callbacks=[timer]
+        )
+    except Exception as exc:
+        if timer.marks.get(steps) is None:
+            raise
+        # The training steps were measured; what failed came after them (the end evaluation).
+        import torch
+
+        on_gpu = spec["device"] != "cpu" and torch.cuda.is_available()
+        return {
+            **window_stats(timer, **window),
+            "error_after_training": f"{type(exc).__name__}: {str(exc)[:300]}",
+            "batch_size": batch,
+            "grad_accum": accum,
+            "overrides": overrides,
+            **memory_stats(torch.device("cuda" if on_gpu else "cpu")),
+        }
     stats = session.stats
     return {
-        **window_stats(timer, steps=steps, warmup=warmup, examples_per_step=batch * accum),
+        **window_stats(timer, **window),
         "report_examples_per_s": stats["examples_per_s"],
         "steps": stats["steps"],
         "batch_size": batch,
