@@ -21,10 +21,10 @@ from app.engine import BatchEngine
 from app.metrics import Metrics
 from app.registry import AdapterRegistry, Target
 from app.settings import BASE, BUILTIN_DEFAULT_ADAPTER, Settings
-from nli.__main__ import build_result
 from nli.classifier import NLIClassifier
 from nli.default_model import DEFAULT_BASE_MODEL
 from nli.errors import AdapterInvalidError, NotReadyError
+from nli.labels import build_result
 from nli.loading import free_device_memory, load_base_model
 
 logger = logging.getLogger(__name__)

@@ -8,20 +8,7 @@ import logging
 import sys
 
 from nli.errors import NLIError
-
-
-def build_result(probs: list[float], *, adapter: str, base_model: str) -> dict[str, object]:
-    """The answer object shared with ``POST /classify``."""
-    from nli.labels import LABELS
-
-    best = max(range(len(LABELS)), key=probs.__getitem__)
-    return {
-        "label": LABELS[best],
-        "score": probs[best],
-        "scores": [{"label": label, "score": p} for label, p in zip(LABELS, probs, strict=True)],
-        "adapter": adapter,
-        "base_model": base_model,
-    }
+from nli.labels import build_result
 
 
 def _classify(args: argparse.Namespace) -> int:

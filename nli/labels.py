@@ -44,3 +44,15 @@ def parse_label(value: object) -> int | None:
     raise LabelValueError(
         f"unknown label {value!r} (expected one of {', '.join(LABELS)}, or 0, 1, 2)"
     )
+
+
+def build_result(probs: list[float], *, adapter: str, base_model: str) -> dict[str, object]:
+    """The classification answer: what ``POST /classify`` returns and ``python -m nli classify --json`` prints."""
+    best = max(range(len(LABELS)), key=probs.__getitem__)
+    return {
+        "label": LABELS[best],
+        "score": probs[best],
+        "scores": [{"label": label, "score": p} for label, p in zip(LABELS, probs, strict=True)],
+        "adapter": adapter,
+        "base_model": base_model,
+    }
