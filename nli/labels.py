@@ -47,7 +47,7 @@ def parse_label(value: object) -> int | None:
 
 
 def build_result(probs: list[float], *, adapter: str, base_model: str) -> dict[str, object]:
-    """The classification answer: what ``POST /classify`` returns and ``python -m nli classify --json`` prints."""
+    """The answer of ``POST /classify`` and of ``python -m nli classify --json``."""
     best = max(range(len(LABELS)), key=probs.__getitem__)
     return {
         "label": LABELS[best],
