@@ -65,7 +65,7 @@ DEFAULT_STEPS = {
 # -- measuring --------------------------------------------------------------------------------
 
 
-def make_step_timer(warmup_steps: int) -> Any:
+def make_step_timer(warmup_steps: int, end_step: int | None = None) -> Any:
     """A ``TrainerCallback`` that timestamps the end of step ``warmup_steps`` and of the last
     step, synchronising the device only at those two points."""
     import torch
@@ -81,11 +81,12 @@ def make_step_timer(warmup_steps: int) -> Any:
             self.train_started = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step in (warmup_steps, state.max_steps):
+            last = end_step or state.max_steps
+            if state.global_step in (warmup_steps, last):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.marks[state.global_step] = time.perf_counter()
-            if state.global_step == state.max_steps and torch.cuda.is_available():
+            if state.global_step == last and torch.cuda.is_available():
                 # Peaks of the training steps alone (the end-of-run evaluation comes after).
                 self.peaks = {
                     "train_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -93,6 +94,52 @@ def make_step_timer(warmup_steps: int) -> Any:
                 }
 
     return StepTimer()
+
+
+def make_step_profiler(start_step: int, steps: int, out: Path) -> Any:
+    """A ``TrainerCallback`` that records ``steps`` optimizer steps after ``start_step`` with
+    ``torch.profiler`` and writes the op tables (by self CPU and by self device time) to ``out``.
+
+    It runs after the timed window, so the measured examples/s never includes profiler cost.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof: Any = None
+            self.started = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == start_step and self.prof is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                    torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.prof is None or state.global_step != start_step + steps:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.started
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages()
+            device_us = sum(e.self_device_time_total for e in table)
+            lines = [
+                f"{steps} steps in {wall:.3f} s wall; device busy {device_us / 1e6:.3f} s "
+                f"({100 * device_us / 1e6 / wall:.0f}%)",
+                table.table(sort_by="self_cpu_time_total", row_limit=40),
+            ]
+            if torch.cuda.is_available():
+                lines.append(table.table(sort_by="self_cuda_time_total", row_limit=40))
+            out.write_text("\n\n".join(lines))
+            self.prof = None
+
+    return StepProfiler()
 
 
 def window_stats(timer: Any, *, steps: int, warmup: int, examples_per_step: int) -> dict[str, Any]:
@@ -179,15 +226,24 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["low_memory"]:
         # The evaluation batch must fit the same budget (the recipe's 256-512 rows do not).
         overrides += ["model.gradient_checkpointing=true", f"eval.batch_size={batch}"]
+    timer = make_step_timer(warmup, steps)
+    callbacks = [timer]
+    if spec.get("profile_steps"):
+        # Profiled steps come after the timed window: the run grows to fit them.
+        extra = spec["profile_steps"]
+        callbacks.append(make_step_profiler(steps, extra, Path(spec["profile_out"])))
+        overrides += [
+            f"train.max_steps={steps + extra + 1}",
+            f"data.max_train_examples={(steps + extra + 2) * batch * accum}",
+        ]
     overrides += spec["overrides"]
     work = Path(tempfile.mkdtemp(prefix="nli-bench-train-"))
     cfg = load_config(recipe, overrides, output=str(work / "adapter"))
     cap_memory(spec.get("memory_cap_gib"), spec["device"])
-    timer = make_step_timer(warmup)
     window = {"examples_per_step": batch * accum, "steps": steps, "warmup": warmup}
     try:
         session = _fit(
-            cfg, work / "adapter.work", Distributed(), checkpoint=None, callbacks=[timer]
+            cfg, work / "adapter.work", Distributed(), checkpoint=None, callbacks=callbacks
         )
     except Exception as exc:
         if timer.marks.get(steps) is None:
@@ -340,6 +396,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             "overrides": args.set,
             "data_dir": str(args.data_dir) if args.data_dir else None,
             "low_memory": kind == "low-memory",
+            "profile_steps": args.profile if kind == "real" else 0,
         }
         if kind == "real":
             spec.update(batch_size=args.batch_size or (128 if family == "smollm2" else 64))
@@ -409,6 +466,13 @@ def main() -> None:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="more recipe overrides for the real and low-memory runs",
     )  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="real run: profile N steps after the timed window (table in --log-dir)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
@@ -428,6 +492,7 @@ def main() -> None:
     rows = []
     for spec in plan_runs(args):
         spec["base_model"] = base_model
+        spec["profile_out"] = str(log_dir / f"profile-{spec['kind']}-{Path(args.model).name}.txt")
         row = launch(spec, log_dir, args.timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)

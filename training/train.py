@@ -38,7 +38,13 @@ from nli.prompt import PairEncoder, get_prompt_format
 from training.config import TrainingConfig
 from training.data import LabelCollator, PreparedData, prepare_data, tokenizer_fingerprint
 from training.evaluate import adapter_name, build_classifier, score_data
-from training.model import LabelScoringModel, build_training_model, lora_summary, parameter_counts
+from training.model import (
+    LabelScoringModel,
+    build_training_model,
+    lora_summary,
+    parameter_counts,
+    skip_lora_input_casts,
+)
 from training.report import environment, now, peak_memory, write_training_report
 from training.trainer import (
     CollapseCallback,
@@ -242,6 +248,8 @@ def _fit(
     # Seed before the LoRA weights are initialised: Trainer seeds only when it is built.
     set_seed(cfg.train.seed)
     base, model = build_training_model(cfg.model, cfg.lora, device=training_device(cfg, dist))
+    if use_bf16(cfg, base.device):
+        skip_lora_input_casts(model)
     encoder = PairEncoder(
         base.tokenizer, get_prompt_format(cfg.model.prompt_format), max_length=cfg.model.max_length
     )

@@ -14,7 +14,7 @@ from training.recipe import RECIPES_DIR, SECTIONS, load_config, recipe_names, re
 
 
 def test_shipped_recipes_load() -> None:
-    assert recipe_names() == ["qwen2.5-1.5b-snli", "smollm2-135m-snli"]
+    assert recipe_names() == ["qwen2.5-1.5b-snli", "smollm2-135m-snli", "smollm2-135m-snli-fast"]
     smollm = load_config("smollm2-135m-snli")
     assert smollm.model.base_model == "smollm2-135m-instruct"
     assert smollm.data.train_file == "{snli_dir}/train.jsonl"
@@ -24,9 +24,12 @@ def test_shipped_recipes_load() -> None:
     assert qwen.model.base_model == "Qwen/Qwen2.5-1.5B-Instruct"
     assert (qwen.data.train_file, qwen.data.dev_split) == ("stanfordnlp/snli", "validation")
     assert smollm.output_dir() == Path("outputs") / "smollm2-135m-snli"
+    fast = load_config("smollm2-135m-snli-fast")
+    assert (fast.data.dev_rows, fast.data.extra_train_from_dev) == (":2000", None)
+    assert (fast.train.batch_size, fast.model.dequantize_frozen) == (512, True)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-1.5b-snli", "smollm2-135m-snli"])
+@pytest.mark.parametrize("name", recipe_names())
 def test_every_recipe_field_is_set_and_commented(name: str) -> None:
     path = RECIPES_DIR / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text())

@@ -296,3 +296,48 @@ def test_training_model_is_4bit_with_lora_on_every_linear(
     }
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def test_dequantized_frozen_base_trains_exactly_like_the_4bit_one(
+    tiny_recipe: RecipeWriter, tmp_path: Path
+) -> None:
+    """``model.dequantize_frozen`` holds the NF4 weights expanded: same logits, same LoRA
+    gradients, same parameter names (so the adapter serves on the 4-bit base unchanged)."""
+    from bitsandbytes.nn import Linear4bit
+
+    from training.model import build_training_model
+
+    cfg = load_config(tiny_recipe(tmp_path))
+    fast_cfg = load_config(tiny_recipe(tmp_path, model={"dequantize_frozen": True}))
+    torch.manual_seed(0)
+    base, packed = build_training_model(cfg.model, cfg.lora, device="cpu")
+    _, expanded = build_training_model(fast_cfg.model, fast_cfg.lora, device="cpu")
+    assert not any(isinstance(m, Linear4bit) for m in expanded.modules())
+    trainable = {n for n, p in packed.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in expanded.named_parameters() if p.requires_grad}
+    # Non-zero LoRA weights (B starts at zero), the same in both models.
+    generator = torch.Generator().manual_seed(1)
+    lora = {
+        n: torch.randn(p.shape, generator=generator) * 0.05
+        for n, p in packed.named_parameters()
+        if p.requires_grad
+    }
+    for model in (packed, expanded):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in lora:
+                    param.copy_(lora[name])
+    encoder = PairEncoder(base.tokenizer, get_prompt_format(1), max_length=cfg.model.max_length)
+    pairs = [("a man is in the park", "a dog runs"), ("the child sits", "a red car is old")]
+    batch = collate(encoder.encode(pairs), pad_id=base.tokenizer.pad_token_id)
+    grads = []
+    outputs = []
+    for model in (packed, expanded):
+        logits = model(batch.input_ids, batch.attention_mask, batch.last_index)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])).backward()
+        outputs.append(logits.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+    assert outputs[0].abs().max() > 0
+    for name in trainable:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3)
