@@ -11,6 +11,8 @@
 # BUDGET_S (default 470: the suite stops starting steps so that it ends by then),
 # STEPS (which steps, in order; default all, most important first):
 #   classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen
+# plus, only when named: train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
+# at batch 512, with a 2-step profile in the logs).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -70,6 +72,12 @@ for name in $STEPS; do
       ;;
     train-smollm2)
       step "$name" 110 $PY -m bench.train_throughput --model smollm2 --naive-baseline \
+        --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
+      ;;
+    train-smollm2-fast)
+      step "$name" 90 $PY -m bench.train_throughput --model smollm2 --only real --steps 40 \
+        --warmup-steps 10 --batch-size 512 --set model.dequantize_frozen=true \
+        --set model.prepare_kbit=false --profile 2 \
         --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
     train-qwen)
