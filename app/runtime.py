@@ -107,7 +107,10 @@ class ModelRuntime:
                 # nli reads its cache location from the environment.
                 os.environ["NLI_CACHE_DIR"] = str(settings.cache_dir)
             base = load_base_model(
-                settings.base_model, quantization=settings.quantization, device=settings.device
+                settings.base_model,
+                quantization=settings.quantization,
+                device=settings.device,
+                dequantize=settings.dequantize,
             )
             classifier = NLIClassifier(base, max_batch_size=settings.max_batch_size)
             engine = BatchEngine(
@@ -199,6 +202,7 @@ class ModelRuntime:
             "status": "ready",
             "base_model": base.ref.name,
             "quantization": base.quantization,
+            "dequantized": base.dequantized,
             "device": str(base.device),
             "default_adapter": ready.registry.default,
         }

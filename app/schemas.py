@@ -169,6 +169,7 @@ class ReadyResponse(BaseModel):
     status: Literal["ready"]
     base_model: str
     quantization: str
+    dequantized: bool
     device: str
     default_adapter: str
 

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantization: Literal["nf4", "none"] = "nf4"
+    dequantize: bool = Field(
+        False,
+        description=(
+            "Hold the NF4 weights expanded in the compute dtype: the same quantized values, "
+            "about 4x the base's memory, less work per request (small bases, batch-1 latency)."
+        ),
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="Rows per forward pass.")
     max_batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a batch may wait for more requests under load."

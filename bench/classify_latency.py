@@ -204,6 +204,7 @@ def direct_baseline(
     quantization: str,
     warmup: int,
     requests: int,
+    dequantize: bool = False,
 ) -> dict[str, Any]:
     """Latency of ``NLIClassifier.score_pairs`` on one pair in this process: no HTTP, no queue.
 
@@ -216,7 +217,12 @@ def direct_baseline(
     from nli.classifier import NLIClassifier
     from nli.loading import free_device_memory, load_base_model
 
-    base = load_base_model(base_model, quantization=quantization, device=device)  # type: ignore[arg-type]
+    base = load_base_model(
+        base_model,
+        quantization=quantization,  # type: ignore[arg-type]
+        device=device,
+        dequantize=dequantize,
+    )
     classifier = NLIClassifier(base)
     name = None
     if adapter is not None:
@@ -527,6 +533,7 @@ def main() -> None:
         result["direct"] = direct_baseline(
             base_model, found[0] if found else None, pairs, device=args.device,
             quantization=args.quantization, warmup=args.warmup, requests=args.requests,
+            dequantize=settings.get("NLI_DEQUANTIZE", "").lower() in ("1", "true", "yes"),
         )  # fmt: skip
         print(f"direct score_pairs: {result['direct']}", flush=True)
     server = start_server(env, port, log, args.access_log)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from nli.default_model import DEFAULT_BASE_MODEL, SOURCE_MARKER, ensure_default_model
 from nli.errors import ConfigError, ModelLoadError
@@ -41,6 +42,8 @@ class LoadedBase:
     quantization: Quantization
     device: torch.device
     for_training: bool
+    dequantized: bool = False
+    """NF4 weights held expanded in the compute dtype (``dequantize_4bit_linears``)."""
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
@@ -122,11 +125,15 @@ def load_base_model(
     quantization: Quantization = "nf4",
     device: str = "auto",
     for_training: bool = False,
+    dequantize: bool = False,
 ) -> LoadedBase:
     """Load a base model (NF4 with double quantization by default) and its tokenizer.
 
     ``for_training`` applies the CPU AVX512-BF16 workaround (see
     ``disable_cpu_inference_fast_path``); serving leaves it off because it costs speed.
+    ``dequantize`` (NF4 only) then holds the quantized weights expanded in the compute dtype:
+    the same NF4 values, 2 bytes a weight instead of ~0.5, no dequantize work per forward.
+    Training does this itself, after its k-bit preparation (``model.dequantize_frozen``).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -154,7 +161,52 @@ def load_base_model(
         avoid_cudnn_attention()
     if for_training:
         disable_cpu_inference_fast_path(model)
-    return LoadedBase(model, tokenizer, ref, quantization, target, for_training)
+    dequantized = False
+    if dequantize and quantization == "nf4":
+        count = dequantize_4bit_linears(model)
+        logger.info("holding %d NF4 layers dequantized", count)
+        dequantized = True
+    return LoadedBase(model, tokenizer, ref, quantization, target, for_training, dequantized)
+
+
+class DequantizedLinear(torch.nn.Linear):
+    """A frozen ``nn.Linear`` computing like bitsandbytes' ``Linear4bit``: the input is cast to
+    the weight's (compute) dtype and the output back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+def dequantize_4bit_linears(model: torch.nn.Module) -> int:
+    """Replace every bitsandbytes ``Linear4bit`` by a frozen ``nn.Linear`` holding exactly the
+    weights the 4-bit layer computes with (``dequantize_4bit`` in its compute dtype); return the
+    count. Module names are unchanged, so LoRA attaches, saves and loads as on the 4-bit base.
+    """
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, Linear4bit):
+                continue
+            dtype = child.compute_dtype or torch.float32
+            packed: Any = child.weight
+            weight = dequantize_4bit(packed.data, packed.quant_state).to(dtype)
+            linear = DequantizedLinear(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                device=weight.device,
+                dtype=dtype,
+            )
+            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if child.bias is not None:
+                linear.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            setattr(parent, name, linear)
+            replaced += 1
+    return replaced
 
 
 def avoid_cudnn_attention() -> None:

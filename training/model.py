@@ -6,10 +6,9 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 
-from nli.loading import LoadedBase, is_4bit, load_base_model
+from nli.loading import LoadedBase, dequantize_4bit_linears, is_4bit, load_base_model
 from nli.scoring import EncodedBatch, LabelTokens, label_logits, label_tokens
 from training.config import LoraSettings, ModelConfig
 
@@ -56,46 +55,6 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
     )
 
 
-class DequantizedLinear(torch.nn.Linear):
-    """A frozen ``nn.Linear`` computing like bitsandbytes' ``Linear4bit``: the input is cast to
-    the weight's (compute) dtype and the output back to the input's dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
-        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
-
-
-def dequantize_frozen_linears(model: torch.nn.Module) -> int:
-    """Replace every bitsandbytes ``Linear4bit`` by a frozen ``nn.Linear`` holding exactly the
-    weights the 4-bit layer computes with (``dequantize_4bit`` in its compute dtype); return the
-    count. Module names are unchanged, so LoRA attaches, saves and loads as on the 4-bit base.
-    """
-    from bitsandbytes.functional import dequantize_4bit
-    from bitsandbytes.nn import Linear4bit
-
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, Linear4bit):
-                continue
-            dtype = child.compute_dtype or torch.float32
-            packed: Any = child.weight
-            weight = dequantize_4bit(packed.data, packed.quant_state).to(dtype)
-            linear = DequantizedLinear(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                device=weight.device,
-                dtype=dtype,
-            )
-            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-            if child.bias is not None:
-                linear.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
-            setattr(parent, name, linear)
-            replaced += 1
-    return replaced
-
-
 def prepare_base(model: Any, settings: ModelConfig) -> Any:
     """k-bit preparation and (optional) gradient checkpointing of a freshly loaded base."""
     # Non-reentrant checkpointing needs no inputs that require grad (no embedding hook).
@@ -112,7 +71,7 @@ def prepare_base(model: Any, settings: ModelConfig) -> Any:
     if settings.dequantize_frozen and quantized:
         # After the k-bit preparation, which casts every non-4-bit weight to float32: the
         # dequantized layers stay in the compute dtype the 4-bit layers used.
-        count = dequantize_frozen_linears(model)
+        count = dequantize_4bit_linears(model)
         logger.info("holding %d frozen NF4 layers dequantized for training", count)
     model.config.use_cache = False
     return model

@@ -316,3 +316,26 @@ def test_out_of_memory_splits_the_batch_and_answers_stay_right(
     got = np.array([[s["score"] for s in r["scores"]] for r in response.json()["results"]])
     np.testing.assert_allclose(got, reference(PAIRS, None), atol=TOL)
     assert max(sizes) == len(PAIRS) and 2 in sizes
+
+
+def test_dequantized_service_scores_like_the_packed_one(
+    tiny_llama_dir: Path, tmp_path: Path, adapter_store: Path, reference: Scores
+) -> None:
+    """``NLI_DEQUANTIZE``: same NF4 values held expanded; /ready says so, adapters still load."""
+    from tests.app.conftest import fill_adapters_dir
+
+    fill_adapters_dir(adapter_store, tmp_path / "adapters", ["alpha"])
+    client = start_client(make_settings(tiny_llama_dir, tmp_path, dequantize=True))
+    try:
+        ready = client.get("/ready").json()
+        assert ready["dequantized"] is True and ready["quantization"] == "nf4"
+        assert client.post("/adapters", json={"name": "alpha"}).status_code == 200
+        for adapter in ("alpha", "base"):
+            for pair in PAIRS[:3]:
+                body = classify(client, pair, adapter=adapter).json()
+                probs = [s["score"] for s in body["scores"]]
+                # Other matmul kernels, same weights: bf16 rounding apart, far under the gap
+                # between two adapters.
+                np.testing.assert_allclose(probs, reference([pair], adapter)[0], atol=2e-3)
+    finally:
+        client.__exit__(None, None, None)

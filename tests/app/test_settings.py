@@ -30,6 +30,7 @@ def test_defaults() -> None:
     assert settings.builtin_adapters_dir == REPO / "adapters" == builtin_adapters_dir()
     assert settings.default_adapter is None
     assert (settings.device, settings.quantization) == ("auto", "nf4")
+    assert settings.dequantize is False
     assert settings.max_pairs_per_request == 1024
     assert settings.eval_sync_max_rows == 1000
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
@@ -56,6 +57,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         "NLI_CACHE_DIR": str(tmp_path / "c"),
         "NLI_HOST": "0.0.0.0",
         "NLI_PORT": "9000",
+        "NLI_DEQUANTIZE": "true",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -65,6 +67,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert settings.builtin_adapters_dir == tmp_path / "b"
     assert settings.default_adapter == "snli.v2"
     assert (settings.device, settings.quantization) == ("cpu", "none")
+    assert settings.dequantize is True
     assert (settings.max_batch_size, settings.max_batch_wait_ms) == (8, 0.5)
     assert (settings.max_pairs_per_request, settings.max_text_chars) == (10, 100)
     assert (settings.max_upload_bytes, settings.eval_sync_max_rows) == (1000, 0)
