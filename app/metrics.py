@@ -32,6 +32,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.in_flight = Gauge(
+            "nli_http_requests_in_flight",
+            "HTTP requests the app is handling now (a scrape counts itself)",
+            registry=r,
+        )
         self.pairs = Counter(
             "nli_classified_pairs", "Pairs classified", ["route", "adapter"], registry=r
         )

@@ -1,5 +1,5 @@
 """Per-request context as one pure-ASGI middleware (cheap on the hot path): the request id,
-body size limits, latency metrics by route template, and the access log.
+body size limits, latency and in-flight metrics, and the access log.
 
 Body limits are enforced before a body is read whole: a ``Content-Length`` over the limit is
 refused at once, and a body that grows past it while streaming (chunked, or a lying header)
@@ -64,6 +64,7 @@ class RequestContextMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        self.metrics.in_flight.inc()
         try:
             limit = self.body_limit(method, scope["path"])
             declared = _content_length(scope)
@@ -72,6 +73,7 @@ class RequestContextMiddleware:
                 return
             await self.app(scope, _limited(receive, limit), send_with_id)
         finally:
+            self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED_ROUTE

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.jobs import INTERRUPTED, SHUTDOWN
 from nli.labels import LABELS
@@ -92,6 +93,24 @@ def jsonl(n: int) -> bytes:
         json.dumps({"premise": p, "hypothesis": h, "label": LABELS[i % 3]}) + "\n"
         for i, (p, h) in enumerate(PAIRS[i % len(PAIRS)] for i in range(n))
     ).encode()
+
+
+def wait_until_handled(url: str, route: str, count: int, timeout: float = 60.0) -> None:
+    """Poll ``/metrics`` until ``count`` requests have reached the app: in flight now (the only
+    requests but the scrape itself) or already answered on ``route``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        in_flight = answered = 0.0
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+            for sample in family.samples:
+                if sample.name == "nli_http_requests_in_flight":
+                    in_flight += sample.value - 1  # less this scrape
+                elif sample.name == "nli_http_requests_total" and sample.labels["route"] == route:
+                    answered += sample.value
+        if in_flight + answered >= count:
+            return
+        assert time.monotonic() < deadline, f"{in_flight + answered:g} of {count} requests came"
+        time.sleep(0.01)
 
 
 def probs(body: dict[str, Any]) -> np.ndarray:
@@ -188,15 +207,23 @@ def test_sigterm_finishes_in_flight_requests_and_marks_the_running_job(
         while http.get(f"/evaluate/{job['job_id']}").json()["status"] != "running":
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        batch = {"pairs": [{"premise": p, "hypothesis": h} for p, h in PAIRS] * 20}
+        # 1,020 pairs each: one worker scores the four in turn, ~0.2 s apiece on an idle CPU, so
+        # most are still in flight when uvicorn notices the signal (it looks every 0.1 s).
+        batch = {"pairs": [{"premise": p, "hypothesis": h} for p, h in PAIRS] * 170}
         with ThreadPoolExecutor(4) as pool:
             in_flight = [pool.submit(http.post, "/classify/batch", json=batch) for _ in range(4)]
-            time.sleep(0.3)
+            # Signal only once the app has all four: uvicorn rightly closes, on SIGTERM, a
+            # connection whose request it has not read yet (the client sees a reset), and on a
+            # busy machine a fixed sleep sometimes sent the signal before that.
+            wait_until_handled(server.url, "/classify/batch", 4)
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
             answers = [future.result(60) for future in in_flight]
         assert [a.status_code for a in answers] == [200] * 4
         assert server.process.wait(60) == 0
+        # Not vacuous: the shutdown began while the app was still handling a request.
+        during_shutdown = server.output().split("Shutting down", 1)[1]
+        assert "POST /classify/batch 200" in during_shutdown
     finally:
         server.stop()
     server.start()
