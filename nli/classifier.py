@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nli import lora_fast_attach
 from nli.errors import AdapterConflictError, AdapterInvalidError, AdapterNotFoundError
 from nli.loading import LoadedBase, free_device_memory, keep_cpu_packed_weights
 from nli.manifest import (
@@ -108,6 +109,8 @@ class NLIClassifier:
         self._lock = threading.Lock()  # guards attach/detach against each other
         self._forward_lock = threading.Lock()  # adapter selection + forward are one step
         self._selected: str | None = _UNKNOWN  # the PEFT state last set by _select
+        # (PeftModel, its LoRA layers) for lora_fast_attach; None after PEFT changed the model
+        self._lora_index: tuple[Any, lora_fast_attach.LoraIndex | None] | None = None
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache and self.tokens.distinct and supports_prefix_cache(self.model):
             self.prefix_cache = PrefixCache()
@@ -134,31 +137,28 @@ class NLIClassifier:
     # -- adapters ---------------------------------------------------------------------------
 
     def attach_adapter(self, path: str | Path, *, name: str) -> LoadedAdapter:
-        """Load an adapter folder under ``name`` after checking its manifest and base model."""
-        from peft import PeftModel
+        """Load an adapter folder under ``name`` after checking its manifest and base model.
 
+        A plain LoRA adapter whose target modules already hold LoRA layers (an earlier adapter
+        of the same recipe) takes ``nli.lora_fast_attach``, which reads and checks its files
+        before taking the lock and leaves the model as PEFT's ``load_adapter`` would; any other
+        adapter, or one whose files do not fit, is loaded (or refused) through PEFT.
+        """
         path = Path(path)
         manifest = read_manifest(path)
         check_base_model(manifest, self.base.ref, adapter=name)
         encoder = PairEncoder(
             self.tokenizer, get_prompt_format(manifest.prompt_format), max_length=self.max_length
         )
+        prepared = lora_fast_attach.prepare(path)  # file reading and checks, off the lock
         with self._lock:
             if name in self.adapters:
                 raise AdapterConflictError(f"adapter {name!r} is already attached")
             self._forget_prefixes(name)
             try:
-                _, peft_model = split_peft(self.model)
-                if peft_model is None:
-                    self._forget_prefixes(None, everything=True)  # the model gets wrapped
-                    with keep_cpu_packed_weights(self.model):
-                        self.model = PeftModel.from_pretrained(
-                            self.model, str(path), adapter_name=name, is_trainable=False
-                        )
-                else:
-                    with keep_cpu_packed_weights(self.model):
-                        peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-                self._check_loaded_weights(path, name)
+                if prepared is None or not self._attach_fast(prepared, name):
+                    self._attach_with_peft(path, name)
+                    self.model.eval()
             except AdapterInvalidError:
                 self._drop_partial(name)
                 raise
@@ -167,11 +167,40 @@ class NLIClassifier:
                 raise AdapterInvalidError(
                     f"adapter {path.name!r} cannot be loaded: {exc}"
                 ) from None
-            self.model.eval()
             loaded = LoadedAdapter(name, path, manifest, encoder)
             self.adapters[name] = loaded
         logger.info("attached adapter %s from %s", name, path)
         return loaded
+
+    def _attach_fast(self, prepared: lora_fast_attach.PreparedLora, name: str) -> bool:
+        """``lora_fast_attach.attach`` on the current PeftModel; False where it does not apply."""
+        _, peft_model = split_peft(self.model)
+        if peft_model is None:
+            return False  # the first adapter wraps the model: PEFT's from_pretrained
+        if self._lora_index is None or self._lora_index[0] is not peft_model:
+            self._lora_index = (peft_model, lora_fast_attach.build_index(peft_model))
+        index = self._lora_index[1]
+        if index is None or not lora_fast_attach.attach(index, prepared, name):
+            return False
+        if self.model.training:  # only the new LoRA modules were put in eval mode
+            self.model.eval()
+        return True
+
+    def _attach_with_peft(self, path: Path, name: str) -> None:
+        from peft import PeftModel
+
+        self._lora_index = None  # PEFT may add LoRA layers or wrap the model anew
+        _, peft_model = split_peft(self.model)
+        if peft_model is None:
+            self._forget_prefixes(None, everything=True)  # the model gets wrapped
+            with keep_cpu_packed_weights(self.model):
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(path), adapter_name=name, is_trainable=False
+                )
+        else:
+            with keep_cpu_packed_weights(self.model):
+                peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        self._check_loaded_weights(path, name)
 
     def _check_loaded_weights(self, path: Path, name: str) -> None:
         """Refuse weights that do not hold exactly the adapter's tensors, or hold NaN/inf.
@@ -229,6 +258,7 @@ class NLIClassifier:
                     # PEFT cannot delete its last adapter and stay usable: take the LoRA layers
                     # out and keep the bare base model instead.
                     self.model = peft_model.unload()
+                    self._lora_index = None
             free_device_memory(self.device)
         logger.info("detached adapter %s", name)
 
@@ -250,6 +280,7 @@ class NLIClassifier:
             peft_model.delete_adapter(name)
         else:
             self.model = peft_model.unload()
+            self._lora_index = None
 
     def encoder_for(self, adapter: str | None) -> PairEncoder:
         """The prompt encoder an adapter was trained with (the current format for the base)."""
