@@ -242,6 +242,32 @@ def test_fast_attach_equals_peft_load_exactly(
     assert all(abs(a - b).max() > 1e-3 for a, b in zip(scores, scores[1:], strict=False))
 
 
+@pytest.mark.parametrize("quantization", ["expanded", "none"])
+def test_fast_attach_equals_peft_load_on_other_bases(
+    tiny_model_dir: Path,
+    adapters: dict[str, Path],
+    injections: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    quantization: str,
+) -> None:
+    """NF4 held expanded (bf16 nn.Linear, NLI_DEQUANTIZE) and an unquantized base."""
+    if quantization == "expanded":
+        base = load_base_model(str(tiny_model_dir), device="cpu", dequantize=True)
+    else:
+        base = load_base_model(str(tiny_model_dir), quantization="none", device="cpu")
+    results = []
+    for fast in (True, False):
+        if not fast:
+            no_fast_path(monkeypatch)
+        classifier = NLIClassifier(base, max_batch_size=4)
+        classifier.score_pairs(PAIRS)
+        results.append(run_swaps(classifier, adapters, ["bf16", "rank8"]))
+        for name in list(classifier.adapters):
+            classifier.detach_adapter(name)
+    assert injections == ["first", "first", "bf16", "rank8", "again"]
+    assert_same_results(*results)
+
+
 def test_bf16_weights_load_as_float32(
     classifier: NLIClassifier, adapters: dict[str, Path], injections: list[str]
 ) -> None:
