@@ -22,9 +22,9 @@ from nli import lora_fast_attach
 from nli.classifier import NLIClassifier
 from nli.errors import AdapterInvalidError
 from nli.loading import LoadedBase, load_base_model
-from nli.manifest import WEIGHTS_FILE, AdapterManifest, write_manifest
-from nli.prompt import CURRENT_PROMPT_FORMAT
-from nli.scoring import label_tokens, split_peft
+from nli.manifest import WEIGHTS_FILE
+from nli.scoring import split_peft
+from tests.nli.adapters import write_synthetic_manifest
 
 PAIRS = [
     ("a man is playing guitar in the park", "a man plays music"),
@@ -54,19 +54,7 @@ def make_adapter(
         save_file(
             {k: v.to(dtype) for k, v in weights.items()}, folder / WEIGHTS_FILE, {"format": "pt"}
         )
-    ids = [list(seq) for seq in label_tokens(base.tokenizer).sequences]
-    manifest = AdapterManifest(
-        base_model=base.ref.name,
-        base_model_fingerprint=base.ref.fingerprint,
-        quantization="nf4",
-        prompt_format=CURRENT_PROMPT_FORMAT,
-        label_words=["entailment", "neutral", "contradiction"],
-        label_token_ids=ids,
-        training_data={"source": "synthetic"},
-        metrics={},
-    )
-    write_manifest(folder, manifest)
-    return folder
+    return write_synthetic_manifest(folder, base)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ from peft import LoraConfig, get_peft_model
 
 from nli.classifier import NLIClassifier
 from nli.loading import LoadedBase, load_base_model
-from nli.manifest import AdapterManifest, write_manifest
 from nli.prefix_cache import PrefixCache
-from nli.prompt import CURRENT_PROMPT_FORMAT
-from nli.scoring import PEFT_BASE_ROW, collate, label_logits, label_tokens
+from nli.scoring import PEFT_BASE_ROW, collate, label_logits
+from tests.nli.adapters import write_synthetic_manifest
 
 PAIRS = [
     ("a man is playing guitar in the park", "a man plays music"),
@@ -38,19 +37,7 @@ def make_adapter(model_dir: Path, folder: Path, *, seed: int) -> Path:
     config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(base.model, config)
     peft_model.save_pretrained(folder)
-    ids = [list(seq) for seq in label_tokens(base.tokenizer).sequences]
-    manifest = AdapterManifest(
-        base_model=base.ref.name,
-        base_model_fingerprint=base.ref.fingerprint,
-        quantization="nf4",
-        prompt_format=CURRENT_PROMPT_FORMAT,
-        label_words=["entailment", "neutral", "contradiction"],
-        label_token_ids=ids,
-        training_data={"source": "synthetic"},
-        metrics={},
-    )
-    write_manifest(folder, manifest)
-    return folder
+    return write_synthetic_manifest(folder, base)
 
 
 @pytest.fixture(scope="module")
