@@ -11,7 +11,7 @@
 # BUDGET_S (default 470: the suite stops starting steps so that it ends by then),
 # STEPS (which steps, in order; default all, most important first):
 #   classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen
-# plus, only when named: train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
+# plus, only when named: classify-smollm2-deq (classify-smollm2 with NLI_DEQUANTIZE=1), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
 # at batch 512, with a 2-step profile in the logs).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
@@ -62,13 +62,14 @@ fi
 
 for name in $STEPS; do
   case $name in
-    classify-smollm2 | classify-qwen)
-      model=smollm2 budget=100 requests=300 swaps=5
+    classify-smollm2 | classify-qwen | classify-smollm2-deq)
+      model=smollm2 budget=100 requests=300 swaps=5 extra=()
       [[ $name == classify-qwen ]] && model=qwen2-1.5b budget=150 requests=150 swaps=3
-      step "$name" $budget $PY -m bench.classify_latency --model $model --device cuda \
+      [[ $name == classify-smollm2-deq ]] && extra=(--env NLI_DEQUANTIZE=1)
+      step "$name" $budget $PY -m bench.classify_latency --model $model --device cuda "${extra[@]}" \
         --data "$DATA/test.jsonl" --requests $requests --duration 6 --swaps $swaps \
         --swap-cycles 6 --direct-baseline \
-        --server-log "$LOGS/server-$model.log" --out "$LOGS/$name.json"
+        --server-log "$LOGS/server-$name.log" --out "$LOGS/$name.json"
       ;;
     train-smollm2)
       step "$name" 110 $PY -m bench.train_throughput --model smollm2 --naive-baseline \
