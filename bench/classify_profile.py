@@ -16,7 +16,6 @@ import cProfile
 import io
 import json
 import pstats
-import shutil
 import statistics
 import tempfile
 import time
@@ -24,22 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.classify_latency import make_adapters
-from bench.common import DEFAULT_DATA, machine, read_pairs, resolve_model
-
-
-def random_model(shape_dir: Path, out: Path) -> str:
-    """A model of ``shape_dir``'s config with random weights, saved with its tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(shape_dir)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (shape_dir / name).is_file():
-            shutil.copy(shape_dir / name, out / name)
-    return str(out)
+from bench.common import (
+    DEFAULT_DATA,
+    device_busy_s,
+    machine,
+    profiler_activities,
+    read_pairs,
+    resolve_model,
+)
+from bench.shapes import save_random_model
 
 
 def timed(fn: Any, repeats: int, sync: Any) -> dict[str, float]:
@@ -72,7 +64,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="nli-prof-work-"))
     if args.random_shape:
-        base_model = random_model(args.random_shape, work / "model")
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(args.random_shape)
+        tokenizer = AutoTokenizer.from_pretrained(args.random_shape)
+        base_model = str(save_random_model(work / "model", config, tokenizer))
     else:
         base_model = resolve_model(args.model)
     make_adapters(
@@ -101,20 +97,17 @@ def main() -> None:
     result["base_batch1"] = timed(lambda: classifier.score_pairs(pair, None), args.repeats, sync)
     result["adapter_batch1"] = timed(lambda: classifier.score_pairs(pair, "a"), args.repeats, sync)
 
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if on_gpu:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     sections = []
     for adapter in (None, "a"):
         sync()
         started = time.perf_counter()
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=profiler_activities()) as prof:
             for _ in range(10):
                 classifier.score_pairs(pair, adapter)
             sync()
         wall = time.perf_counter() - started
         table = prof.key_averages()
-        device_s = sum(e.self_device_time_total for e in table) / 1e6
+        device_s = device_busy_s(table)
         result[f"profiled_{adapter or 'base'}"] = {
             "wall_s_10_calls": round(wall, 3),
             "device_busy_s": round(device_s, 3),

@@ -13,6 +13,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "snli" / "test.jsonl"
@@ -37,6 +38,21 @@ def resolve_model(name: str) -> str:
 
         return str(build_random_qwen2_1_5b(random_qwen2_dir(), str(ensure_default_model())))
     return name
+
+
+def profiler_activities() -> list[Any]:
+    """What ``torch.profiler`` should record here: the CPU, and CUDA when present."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def device_busy_s(table: Any) -> float:
+    """Seconds the device spent in the kernels of a profiler's ``key_averages()``."""
+    return float(sum(e.self_device_time_total for e in table)) / 1e6
 
 
 def read_pairs(path: Path, limit: int) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 # Qwen2-1.5B's published shape (hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960,
 # vocab 151936, tied embeddings): the course report's model size.
@@ -18,10 +19,21 @@ QWEN2_1_5B = dict(
 )
 
 
+def save_random_model(out: Path, config: Any, tokenizer: Any) -> Path:
+    """Save a model of ``config`` with random bf16 weights (seed 0) beside ``tokenizer``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def build_random_qwen2_1_5b(out: Path, tokenizer_source: str) -> Path:
     """Save a random Qwen2-1.5B-shaped model with the given tokenizer (ids fit its vocab)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    from transformers import AutoTokenizer, Qwen2Config
 
     if (out / "config.json").is_file():
         return out
@@ -29,8 +41,4 @@ def build_random_qwen2_1_5b(out: Path, tokenizer_source: str) -> Path:
     config = Qwen2Config(
         **QWEN2_1_5B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_random_model(out, config, tokenizer)

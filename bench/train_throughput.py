@@ -44,7 +44,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import MODEL_CHOICES, REPO_ROOT, git_commit, machine, resolve_model
+from bench.common import (
+    MODEL_CHOICES,
+    REPO_ROOT,
+    device_busy_s,
+    git_commit,
+    machine,
+    profiler_activities,
+    resolve_model,
+)
 
 SHIPPED_SETTINGS = [
     "lora.r=16",
@@ -112,11 +120,9 @@ def make_step_profiler(start_step: int, steps: int, out: Path) -> Any:
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == start_step and self.prof is None:
-                activities = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
                     torch.cuda.synchronize()
-                self.prof = torch.profiler.profile(activities=activities)
+                self.prof = torch.profiler.profile(activities=profiler_activities())
                 self.prof.__enter__()
                 self.started = time.perf_counter()
 
@@ -128,10 +134,10 @@ def make_step_profiler(start_step: int, steps: int, out: Path) -> Any:
             wall = time.perf_counter() - self.started
             self.prof.__exit__(None, None, None)
             table = self.prof.key_averages()
-            device_us = sum(e.self_device_time_total for e in table)
+            busy = device_busy_s(table)
             lines = [
-                f"{steps} steps in {wall:.3f} s wall; device busy {device_us / 1e6:.3f} s "
-                f"({100 * device_us / 1e6 / wall:.0f}%)",
+                f"{steps} steps in {wall:.3f} s wall; device busy {busy:.3f} s "
+                f"({100 * busy / wall:.0f}%)",
                 table.table(sort_by="self_cpu_time_total", row_limit=40),
             ]
             if torch.cuda.is_available():
