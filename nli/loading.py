@@ -161,11 +161,10 @@ def load_base_model(
         avoid_cudnn_attention()
     if for_training:
         disable_cpu_inference_fast_path(model)
-    dequantized = False
-    if dequantize and quantization == "nf4":
+    dequantized = dequantize and quantization == "nf4"
+    if dequantized:
         count = dequantize_4bit_linears(model)
         logger.info("holding %d NF4 layers dequantized", count)
-        dequantized = True
     return LoadedBase(model, tokenizer, ref, quantization, target, for_training, dequantized)
 
 
@@ -174,8 +173,7 @@ class DequantizedLinear(torch.nn.Linear):
     the weight's (compute) dtype and the output back to the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
-        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 def dequantize_4bit_linears(model: torch.nn.Module) -> int:
