@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from nli import lora_fast_attach
+from nli.cuda_graphs import GraphSettings, SmallBatchGraphs
 from nli.errors import AdapterConflictError, AdapterInvalidError, AdapterNotFoundError
 from nli.loading import LoadedBase, free_device_memory, keep_cpu_packed_weights
 from nli.manifest import (
@@ -76,6 +77,10 @@ class NLIClassifier:
       compiled code guards on, so the next forward recompiles (tens of seconds): meant for
       evaluation runs with a fixed adapter set, not for a service that hot-swaps adapters.
       Batches mixing adapters run eagerly.
+    - ``cuda_graphs``: batches of up to ``graph_settings.max_batch`` rows that share one adapter
+      replay a CUDA graph per shape bucket instead of launching each kernel
+      (``nli.cuda_graphs``; CUDA only). Adapters reach the graphs through one LoRA slot, so
+      attaching, detaching and switching adapters record nothing new.
     - ``encode_chunk_size``: ``score_pairs`` tokenises chunks of this many pairs on a background
       thread while the device scores the previous chunk (0: tokenise everything first). The
       default (None) is 4096 on CUDA and 0 on CPU, where both would compete for the same cores.
@@ -90,6 +95,8 @@ class NLIClassifier:
         max_tokens_per_batch: int = 16384,
         prefix_cache: bool = True,
         compile: bool = False,
+        cuda_graphs: bool = False,
+        graph_settings: GraphSettings | None = None,
         encode_chunk_size: int | None = None,
     ) -> None:
         self.base = base
@@ -125,6 +132,11 @@ class NLIClassifier:
             logger.info(
                 "compile=True ignored on %s: torch.compile is only used on CUDA", self.device
             )
+        self.graphs: SmallBatchGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda" and self.tokens.distinct:
+            self.graphs = SmallBatchGraphs(self.device, graph_settings)
+        elif cuda_graphs:
+            logger.info("cuda_graphs=True ignored: CUDA graphs need a CUDA device")
 
     @property
     def base_model(self) -> str:
@@ -265,6 +277,8 @@ class NLIClassifier:
     def _forget_prefixes(self, name: str | None, *, everything: bool = False) -> None:
         # Attaching or detaching changes PEFT's state behind _select's back, too.
         self._selected = _UNKNOWN
+        if self.graphs is not None:
+            self.graphs.forget(name, everything=everything)
         if self.prefix_cache is None:
             return
         if everything:
@@ -389,6 +403,24 @@ class NLIClassifier:
         for name in distinct:
             if name is not None and name not in self.adapters:
                 raise AdapterNotFoundError(f"adapter {name!r} is not attached")
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and len(distinct) == 1
+            and graphs.fits(len(seqs), max(map(len, seqs)))
+        ):
+            with self._forward_lock:
+                _, peft_model = split_peft(self.model)
+                probs = graphs.score(
+                    self.model,
+                    seqs,
+                    next(iter(distinct)),
+                    tokens=self.tokens,
+                    pad_id=self.tokenizer.pad_token_id,
+                    disable_peft=lambda: self._select(peft_model, None),
+                )
+            if probs is not None:
+                return probs
         batch = collate(seqs, pad_id=self.tokenizer.pad_token_id, device=self.device)
         with self._forward_lock:
             _, peft_model = split_peft(self.model)

@@ -185,9 +185,10 @@ def _hidden_states(
     )
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache
 def _label_index(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
     # Built once per device: a fresh host->device copy per batch would wait for the GPU to drain.
+    # Never evicted: recorded CUDA graphs (nli.cuda_graphs) read it at its address.
     # inference_mode(False): a tensor made under inference mode could not be reused by training.
     with torch.inference_mode(False):
         return torch.tensor(ids, dtype=torch.long, device=device)

@@ -1,0 +1,359 @@
+"""CUDA graphs for small scoring batches, shared by every adapter through one LoRA slot.
+
+A batch of one to a few pairs is launch-bound: the GPU finishes each of a forward's ~1,500
+kernels long before Python has issued the next (BENCHMARKS.md, batch-1 profile). A CUDA graph
+records the forward once per shape bucket (rows x padded length) and replays it with one launch.
+
+Graphs record memory addresses, so they cannot follow PEFT from one adapter's weights to
+another's. Instead the graphs are recorded with a **LoRA slot**: a rank-``R`` pair of float32
+matrices beside every linear layer of the decoder, added to the layer's output by forward hooks
+that exist only while a graph is recorded (PEFT's own LoRA layers are disabled then). Serving
+adapter X copies X's ``A`` and ``scaling * B`` into the slot (zero-padded to rank ``R``; zeros
+elsewhere, and everywhere for the bare base): a few fused copies on the GPU, no re-recording, so
+hot swaps keep their graphs. The slot computes what PEFT's plain LoRA layer computes
+(``result + B(A(x_fp32)) * scaling``, with PEFT's casts), exactly when the scaling is a power
+of two (``alpha / r = 2``, the recipes' choice) and up to float rounding otherwise.
+
+Rows are right-padded and run without an attention mask: causal attention never lets a real
+token see the padding that follows it, and only each row's last real position is read.
+
+Only plain LoRA adapters of rank <= ``R`` on the decoder's linear layers use the graphs; others
+(DoRA, LoRA on embeddings, higher ranks), mixed-adapter batches and larger batches run eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nli.scoring import LabelTokens, project_labels, split_peft
+
+logger = logging.getLogger(__name__)
+
+_BASE_SUFFIX = ".base_layer"
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """Which batches are graphed: up to ``max_batch`` rows (buckets 1, 2, 4, ...) and
+    ``max_length`` tokens (buckets of ``length_step``); slot rank ``lora_rank``."""
+
+    max_batch: int = 64
+    max_length: int = 256
+    length_step: int = 32
+    lora_rank: int = 64
+
+    def bucket(self, rows: int, longest: int) -> tuple[int, int] | None:
+        """(rows, length) of the graph for a batch, or None when it is too large for one."""
+        if rows < 1 or rows > self.max_batch or longest < 1 or longest > self.max_length:
+            return None
+        batch = 1 << (rows - 1).bit_length()
+        length = -(-longest // self.length_step) * self.length_step
+        return min(batch, self.max_batch), min(length, self.max_length)
+
+
+def slot_modules(decoder: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The decoder's linear layers, by name without PEFT's ``.base_layer`` (the same module
+    object whether or not PEFT wraps it)."""
+    found: dict[str, torch.nn.Linear] = {}
+    for name, module in decoder.named_modules():
+        if ".lora_" in f".{name}" or not isinstance(module, torch.nn.Linear):
+            continue
+        found[name.removesuffix(_BASE_SUFFIX)] = module
+    return found
+
+
+def lora_layers(decoder: torch.nn.Module) -> dict[str, Any]:
+    """PEFT's LoRA layers in the decoder, by the name of the linear layer they wrap."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: module for name, module in decoder.named_modules() if isinstance(module, LoraLayer)
+    }
+
+
+class LoraSlot:
+    """Rank-``rank`` float32 LoRA weights beside each of ``modules``; see the module docstring."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear], rank: int, device: torch.device):
+        self.modules = modules
+        self.rank = rank
+        self.a = {
+            name: torch.zeros(rank, m.in_features, dtype=torch.float32, device=device)
+            for name, m in modules.items()
+        }
+        self.b = {
+            name: torch.zeros(m.out_features, rank, dtype=torch.float32, device=device)
+            for name, m in modules.items()
+        }
+        self.holds: str | None = None  # the adapter whose weights the slot holds (None: zeros)
+        self._addresses = self._weight_addresses()
+
+    def _weight_addresses(self) -> list[int]:
+        return [m.weight.data_ptr() for m in self.modules.values()]
+
+    def weights_moved(self) -> bool:
+        """True when a module's weight is no longer where the graphs recorded it."""
+        return self._weight_addresses() != self._addresses
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        """Add the slot's LoRA to every module's output while the block runs."""
+        handles = [
+            module.register_forward_hook(
+                _slot_hook(self.a[name], self.b[name], add_in_output_dtype=_is_bnb(module))
+            )
+            for name, module in self.modules.items()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def fit(self, layers: dict[str, Any], adapter: str) -> str | None:
+        """Why ``adapter`` cannot run in this slot, or None when it can."""
+        for name, layer in layers.items():
+            if adapter not in layer.lora_A:
+                continue
+            if name not in self.modules:
+                return f"LoRA on {name}, which has no slot"
+            if adapter in getattr(layer, "lora_variant", {}) or layer.merged:
+                return f"{name} is not plain LoRA (DoRA or another variant, or merged)"
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            if not isinstance(a, torch.nn.Linear) or a.bias is not None or b.bias is not None:
+                return f"{name} is not a plain LoRA linear pair"
+            if a.weight.shape[0] > self.rank:
+                return f"rank {a.weight.shape[0]} is above the slot's {self.rank}"
+        return None
+
+    @torch.no_grad()
+    def load(self, layers: dict[str, Any], adapter: str | None) -> None:
+        """Hold ``adapter``'s weights (None: zeros, the bare base); ``fit`` must have passed."""
+        everything = list(self.a.values()) + list(self.b.values())
+        torch._foreach_zero_(everything)
+        if adapter is not None:
+            dst_a, src_a, dst_b, src_b, scales = [], [], [], [], []
+            for name, layer in layers.items():
+                if adapter not in layer.lora_A:
+                    continue
+                a = layer.lora_A[adapter].weight
+                rank = a.shape[0]
+                dst_a.append(self.a[name][:rank])
+                src_a.append(a)
+                dst_b.append(self.b[name][:, :rank])
+                src_b.append(layer.lora_B[adapter].weight)
+                scales.append(float(layer.scaling[adapter]))
+            if dst_a:
+                torch._foreach_copy_(dst_a, src_a)
+                torch._foreach_copy_(dst_b, src_b)
+                torch._foreach_mul_(dst_b, scales)
+        self.holds = adapter
+
+
+def _is_bnb(module: torch.nn.Module) -> bool:
+    try:
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return False
+    return isinstance(module, (Linear4bit, Linear8bitLt))
+
+
+def _slot_hook(
+    a: torch.Tensor, b: torch.Tensor, *, add_in_output_dtype: bool
+) -> Callable[..., torch.Tensor]:
+    # PEFT's LoRA layer for bitsandbytes bases casts the LoRA term to the output's dtype before
+    # adding it (peft.tuners.lora.bnb); its plain Linear adds in float32 and casts the sum.
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        lora = F.linear(F.linear(args[0].to(a.dtype), a), b)
+        if add_in_output_dtype:
+            return output + lora.to(output.dtype)
+        return (output + lora).to(output.dtype)
+
+    return hook
+
+
+@dataclass
+class _Graph:
+    ids: torch.Tensor  # [rows, length] static input
+    last: torch.Tensor  # [rows] static answer positions
+    probs: torch.Tensor  # [rows, 3] static output
+    replay: Callable[[], None]
+
+
+class SmallBatchGraphs:
+    """Graphed scoring of small single-adapter batches (``NLIClassifier(cuda_graphs=True)``).
+
+    ``record=False`` runs the same slot-and-bucket path eagerly (how the CPU tests check it).
+    Not thread-safe: the classifier calls it under its forward lock.
+    """
+
+    def __init__(
+        self, device: torch.device, settings: GraphSettings | None = None, *, record: bool = True
+    ) -> None:
+        self.device = device
+        self.settings = settings or GraphSettings()
+        self.record = record
+        self._slot: LoraSlot | None = None
+        self._decoder: Any = None
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool: Any = None
+        self._unfit: dict[str, str] = {}  # adapter -> why it runs eagerly (logged once)
+        self.broken: str | None = None  # why recording failed; the classifier stops using us
+
+    def fits(self, rows: int, longest: int) -> bool:
+        return self.broken is None and self.settings.bucket(rows, longest) is not None
+
+    def forget(self, adapter: str | None = None, *, everything: bool = False) -> None:
+        """An adapter was attached or detached: its weights in the slot are stale.
+
+        ``everything``: PEFT wrapped or unwrapped the model. The graphs survive that (they hold
+        the base layers, which PEFT keeps), unless a base weight moved: then they are dropped.
+        """
+        if self._slot is not None and (everything or self._slot.holds == adapter):
+            self._slot.load({}, None)
+        if everything:
+            self._unfit.clear()
+            if self._slot is not None and self._slot.weights_moved():
+                logger.info("base weights moved: CUDA graphs will be recorded again")
+                self._decoder = None
+        elif adapter is not None:
+            self._unfit.pop(adapter, None)
+
+    @property
+    def recorded(self) -> list[tuple[int, int]]:
+        return sorted(self._graphs)
+
+    def score(
+        self,
+        model: Any,
+        seqs: Sequence[Sequence[int]],
+        adapter: str | None,
+        *,
+        tokens: LabelTokens,
+        pad_id: int,
+        disable_peft: Callable[[], None],
+    ) -> torch.Tensor | None:
+        """Probabilities ``[rows, 3]`` on the device, or None when this batch must run eagerly.
+
+        ``disable_peft`` turns PEFT's own LoRA layers off before a graph is recorded.
+        """
+        bucket = self.settings.bucket(len(seqs), max(map(len, seqs)))
+        if bucket is None or self.broken is not None:
+            return None
+        causal_lm, _ = split_peft(model)
+        decoder = causal_lm.get_decoder()
+        if self._decoder is not decoder:
+            self._reset(decoder)
+        assert self._slot is not None
+        if adapter is not None and adapter in self._unfit:
+            return None
+        if self._slot.holds != adapter:
+            layers = {} if adapter is None else lora_layers(decoder)
+            why = None if adapter is None else self._slot.fit(layers, adapter)
+            if why is not None:
+                assert adapter is not None
+                self._unfit[adapter] = why
+                logger.info("adapter %s scores without CUDA graphs: %s", adapter, why)
+                return None
+            self._slot.load(layers, adapter)
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            graph = self._make(causal_lm, decoder, bucket, tokens, disable_peft)
+            if graph is None:
+                return None
+        rows, length = bucket
+        ids = np.full((rows, length), pad_id, dtype=np.int64)
+        last = np.zeros(rows, dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = seq
+            last[row] = len(seq) - 1
+        _copy_in(graph.ids, ids)
+        _copy_in(graph.last, last)
+        if not self.record:
+            disable_peft()  # the eager stand-in runs PEFT's layers, which other batches enable
+        graph.replay()
+        return graph.probs[: len(seqs)].clone()
+
+    def _reset(self, decoder: Any) -> None:
+        self._graphs.clear()
+        self._unfit.clear()
+        self._decoder = decoder
+        # Normal tensors, not inference ones: attach/detach zero them outside inference mode.
+        with torch.inference_mode(False):
+            self._slot = LoraSlot(slot_modules(decoder), self.settings.lora_rank, self.device)
+        logger.info(
+            "CUDA-graph LoRA slot: rank %d on %d linear layers",
+            self.settings.lora_rank,
+            len(self._slot.modules),
+        )
+
+    def _make(
+        self,
+        causal_lm: Any,
+        decoder: Any,
+        bucket: tuple[int, int],
+        tokens: LabelTokens,
+        disable_peft: Callable[[], None],
+    ) -> _Graph | None:
+        assert self._slot is not None
+        rows, length = bucket
+        ids = torch.zeros(rows, length, dtype=torch.long, device=self.device)
+        last = torch.zeros(rows, dtype=torch.long, device=self.device)
+        slot = self._slot
+
+        # Every tensor a graph reads must outlive it: the static inputs live in _Graph, the
+        # weights in the model and the slot; anything else is made inside the recording.
+        def forward() -> torch.Tensor:
+            with slot.hooked():
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            index = torch.arange(rows, device=ids.device)
+            logits = project_labels(causal_lm, hidden[index, last], tokens)
+            return torch.softmax(logits, dim=-1)
+
+        disable_peft()
+        if not self.record:
+            holder = {"probs": forward()}
+
+            def eager() -> None:
+                holder["probs"].copy_(forward())
+
+            graph = _Graph(ids, last, holder["probs"], eager)
+            self._graphs[bucket] = graph
+            return graph
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: lazy initialisation must not be recorded
+                    forward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph, pool=self._pool):
+                probs = forward()
+        except torch.OutOfMemoryError:
+            raise  # the classifier retries smaller batches
+        except RuntimeError as exc:
+            self.broken = f"recording a CUDA graph failed: {exc}"
+            logger.warning("%s; scoring without CUDA graphs from now on", self.broken)
+            return None
+        logger.info("recorded a CUDA graph for %d rows x %d tokens", rows, length)
+        graph = _Graph(ids, last, probs, cuda_graph.replay)
+        self._graphs[bucket] = graph
+        return graph
+
+
+def _copy_in(static: torch.Tensor, values: np.ndarray) -> None:
+    source = torch.from_numpy(values)
+    if static.device.type == "cuda":
+        source = source.pin_memory()
+    static.copy_(source, non_blocking=True)
