@@ -112,7 +112,9 @@ class ModelRuntime:
                 device=settings.device,
                 dequantize=settings.dequantize,
             )
-            classifier = NLIClassifier(base, max_batch_size=settings.max_batch_size)
+            classifier = NLIClassifier(
+                base, max_batch_size=settings.max_batch_size, cuda_graphs=settings.cuda_graphs
+            )
             engine = BatchEngine(
                 classifier,
                 max_batch_size=settings.max_batch_size,
@@ -198,12 +200,16 @@ class ModelRuntime:
         """``GET /ready``'s answer."""
         ready = self.require_ready()
         base = ready.classifier.base
+        graphs = ready.classifier.graphs
         return {
             "status": "ready",
             "base_model": base.ref.name,
             "quantization": base.quantization,
             "dequantized": base.dequantized,
             "device": str(base.device),
+            "cuda_graphs": "off"
+            if graphs is None
+            else ("on" if graphs.broken is None else f"failed: {graphs.broken}"),
             "default_adapter": ready.registry.default,
         }
 

@@ -171,6 +171,9 @@ class ReadyResponse(BaseModel):
     quantization: str
     dequantized: bool
     device: str
+    cuda_graphs: str = Field(
+        description="'on', 'off' (disabled, or not on CUDA) or 'failed: <why>' (scoring eagerly)"
+    )
     default_adapter: str
 
 
