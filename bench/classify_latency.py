@@ -205,6 +205,7 @@ def direct_baseline(
     warmup: int,
     requests: int,
     dequantize: bool = False,
+    cuda_graphs: bool = True,
 ) -> dict[str, Any]:
     """Latency of ``NLIClassifier.score_pairs`` on one pair in this process: no HTTP, no queue.
 
@@ -223,7 +224,7 @@ def direct_baseline(
         device=device,
         dequantize=dequantize,
     )
-    classifier = NLIClassifier(base)
+    classifier = NLIClassifier(base, cuda_graphs=cuda_graphs)
     name = None
     if adapter is not None:
         name = adapter.name
@@ -534,6 +535,7 @@ def main() -> None:
             base_model, found[0] if found else None, pairs, device=args.device,
             quantization=args.quantization, warmup=args.warmup, requests=args.requests,
             dequantize=settings.get("NLI_DEQUANTIZE", "").lower() in ("1", "true", "yes"),
+            cuda_graphs=settings.get("NLI_CUDA_GRAPHS", "1").lower() in ("1", "true", "yes"),
         )  # fmt: skip
         print(f"direct score_pairs: {result['direct']}", flush=True)
     server = start_server(env, port, log, args.access_log)

@@ -11,7 +11,8 @@
 # BUDGET_S (default 470: the suite stops starting steps so that it ends by then),
 # STEPS (which steps, in order; default all, most important first):
 #   classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen
-# plus, only when named: classify-smollm2-deq (classify-smollm2 with NLI_DEQUANTIZE=1), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
+# plus, only when named: classify-smollm2-deq (classify-smollm2 with NLI_DEQUANTIZE=1),
+# classify-smollm2-eager (NLI_CUDA_GRAPHS=0: the baseline of the CUDA-graph path), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
 # at batch 512, with a 2-step profile in the logs).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
@@ -62,10 +63,11 @@ fi
 
 for name in $STEPS; do
   case $name in
-    classify-smollm2 | classify-qwen | classify-smollm2-deq)
-      model=smollm2 budget=100 requests=300 swaps=5 extra=()
+    classify-smollm2 | classify-qwen | classify-smollm2-deq | classify-smollm2-eager)
+      model=smollm2 budget=120 requests=300 swaps=5 extra=()
       [[ $name == classify-qwen ]] && model=qwen2-1.5b budget=150 requests=150 swaps=3
       [[ $name == classify-smollm2-deq ]] && extra=(--env NLI_DEQUANTIZE=1)
+      [[ $name == classify-smollm2-eager ]] && extra=(--env NLI_CUDA_GRAPHS=0)
       step "$name" $budget $PY -m bench.classify_latency --model $model --device cuda "${extra[@]}" \
         --data "$DATA/test.jsonl" --requests $requests --duration 6 --swaps $swaps \
         --swap-cycles 6 --direct-baseline \
