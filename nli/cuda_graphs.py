@@ -329,17 +329,7 @@ class SmallBatchGraphs:
             self._graphs[bucket] = graph
             return graph
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: lazy initialisation must not be recorded
-                    forward()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph, pool=self._pool):
-                probs = forward()
+            probs, replay = self._record(forward)
         except torch.OutOfMemoryError:
             raise  # the classifier retries smaller batches
         except RuntimeError as exc:
@@ -347,9 +337,26 @@ class SmallBatchGraphs:
             logger.warning("%s; scoring without CUDA graphs from now on", self.broken)
             return None
         logger.info("recorded a CUDA graph for %d rows x %d tokens", rows, length)
-        graph = _Graph(ids, last, probs, cuda_graph.replay)
+        graph = _Graph(ids, last, probs, replay)
         self._graphs[bucket] = graph
         return graph
+
+    def _record(
+        self, forward: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, Callable[[], None]]:
+        """Record ``forward`` into a CUDA graph: (its output, the graph's replay)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy initialisation must not be recorded
+                forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph, pool=self._pool):
+            probs = forward()
+        return probs, cuda_graph.replay
 
 
 def _copy_in(static: torch.Tensor, values: np.ndarray) -> None:

@@ -208,6 +208,27 @@ def test_mixed_and_large_batches_run_eagerly(
     assert not graphs.fits(SETTINGS.max_batch + 1, 10)
 
 
+def test_a_failed_recording_falls_back_to_eager_scoring_for_good(
+    classifier: NLIClassifier, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graphs = SmallBatchGraphs(classifier.device, SETTINGS, record=True)
+    classifier.graphs = graphs
+    attempts: list[int] = []
+
+    def failing_record(forward: Any) -> Any:
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_record", failing_record)
+    classifier.attach_adapter(adapters["first"], name="first")
+    for _ in range(3):
+        got = classifier.score_pairs(PAIRS, "first")
+        np.testing.assert_allclose(got, reference(classifier, PAIRS, "first"), atol=1e-6)
+    assert attempts == [1]  # tried once, then never again
+    assert graphs.broken is not None and "stream is capturing" in graphs.broken
+    assert not graphs.fits(1, 10)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="records real CUDA graphs")
 def test_recorded_graphs_on_cuda(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
     base = load_base_model(str(tiny_model_dir), device="cuda")
