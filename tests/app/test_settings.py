@@ -58,6 +58,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         "NLI_HOST": "0.0.0.0",
         "NLI_PORT": "9000",
         "NLI_DEQUANTIZE": "true",
+        "NLI_CUDA_GRAPHS": "false",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -68,6 +69,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert settings.default_adapter == "snli.v2"
     assert (settings.device, settings.quantization) == ("cpu", "none")
     assert settings.dequantize is True
+    assert settings.cuda_graphs is False  # default True
     assert (settings.max_batch_size, settings.max_batch_wait_ms) == (8, 0.5)
     assert (settings.max_pairs_per_request, settings.max_text_chars) == (10, 100)
     assert (settings.max_upload_bytes, settings.eval_sync_max_rows) == (1000, 0)
