@@ -50,6 +50,14 @@ _PER_ROW = "\x00per-row"
 _UNKNOWN = "\x00unknown"
 
 
+def _is_embedding_layer_key(key: str) -> bool:
+    """A whole embedding layer saved beside the LoRA weights (``save_embedding_layers``)."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    module = key.removesuffix(".weight").removesuffix(".base_layer")
+    return "lora_" not in key and module.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+
+
 @dataclass
 class LoadedAdapter:
     """An adapter attached to the base model under a PEFT adapter name."""
@@ -229,9 +237,17 @@ class NLIClassifier:
         # The adapter's tensors, named as PEFT saves them, picked from the parameters rather than
         # from state_dict(): on CPU that re-quantizes the 4-bit weights (keep_cpu_packed_weights).
         params = dict(peft_model.named_parameters())
-        loaded = get_peft_model_state_dict(peft_model, state_dict=params, adapter_name=name)
         with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
             stored = set(handle.keys())
+        # PEFT's default ("auto") asks the hub whether the base's vocabulary was resized, a network
+        # call per load for a base named by id, when the file already says whether it holds the
+        # embedding layers.
+        loaded = get_peft_model_state_dict(
+            peft_model,
+            state_dict=params,
+            adapter_name=name,
+            save_embedding_layers=any(map(_is_embedding_layer_key, stored)),
+        )
         missing = sorted(set(loaded) - stored)
         unexpected = sorted(stored - set(loaded))
         if missing or unexpected:

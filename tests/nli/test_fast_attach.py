@@ -405,3 +405,33 @@ def test_plain_lora_configs() -> None:
         LoraConfig(target_modules=[*ALL, "lm_head"]),
     ):
         assert not lora_fast_attach.is_plain_lora(unsupported), unsupported
+
+
+def test_loading_asks_the_hub_nothing(
+    classifier: NLIClassifier,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PEFT's weight check would ask the hub about a base named by id; the classifier never does."""
+    import json
+    import shutil
+
+    import peft.utils.save_and_load as save_and_load
+
+    folder = tmp_path / "hub-named"
+    shutil.copytree(adapters["first"], folder)
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "some-org/some-base-model"
+    config_file.write_text(json.dumps(config))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked: list[Any] = []
+    monkeypatch.setattr(
+        save_and_load, "check_file_exists_on_hf_hub", lambda *args, **kwargs: asked.append(args)
+    )
+    classifier.attach_adapter(folder, name="hub-named")  # the first adapter: PEFT's path
+    assert asked == []
+    np.testing.assert_allclose(
+        classifier.score_pairs(PAIRS, "hub-named").sum(axis=1), 1.0, rtol=1e-5
+    )
