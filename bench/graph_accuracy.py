@@ -1,6 +1,7 @@
 """Do CUDA-graphed scores keep the accuracy of the eager path? Same pairs, same classifier.
 
     python -m bench.graph_accuracy [--data FILE] [--rows 2000] [--adapter DIR] [--dequantize]
+        [--out result.json]
 
 Scores the first ``--rows`` pairs of ``--data`` (default: SNLI dev rows 0-1,999, the shipped
 adapter's selection rows) in batches of 64 twice: through ``nli.cuda_graphs`` (recorded graphs
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dequantize", action="store_true", help="as NLI_DEQUANTIZE=1")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     args = parser.parse_args()
 
     base = load_base_model(args.base_model, device=args.device, dequantize=args.dequantize)
@@ -70,6 +72,8 @@ def main() -> None:
         "buckets": graphs.recorded,
     }
     print(json.dumps(result))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 # STEPS (which steps, in order; default all, most important first):
 #   classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen
 # plus, only when named: classify-smollm2-deq (classify-smollm2 with NLI_DEQUANTIZE=1),
-# classify-smollm2-eager (NLI_CUDA_GRAPHS=0: the baseline of the CUDA-graph path), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
+# classify-smollm2-eager (NLI_CUDA_GRAPHS=0: the baseline of the CUDA-graph path),
+# graph-accuracy (graphed vs eager scores of the shipped adapter on dev rows 0-1,999), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
 # at batch 512, with a 2-step profile in the logs).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
@@ -87,6 +88,9 @@ for name in $STEPS; do
       # The naive ratio comes from SmolLM2 (train-smollm2); add --naive-baseline for the 1.5B's.
       step "$name" 150 $PY -m bench.train_throughput --model qwen2-1.5b --batch-size 128 \
         --low-memory --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
+      ;;
+    graph-accuracy)
+      step "$name" 90 $PY -m bench.graph_accuracy --data "$DATA/dev.jsonl" --out "$LOGS/$name.json"
       ;;
     eval-smollm2)
       step "$name" 120 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
