@@ -30,11 +30,6 @@ MORE_PAIRS = [*PAIRS, ("a woman reads a book on a bench outside", "nobody is rea
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model_dir: Path) -> LoadedBase:
-    return load_base_model(str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("graph-adapters")
     specs: dict[str, dict[str, Any]] = {

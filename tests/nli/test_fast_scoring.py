@@ -41,11 +41,6 @@ def make_adapter(model_dir: Path, folder: Path, *, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model_dir: Path) -> LoadedBase:
-    return load_base_model(str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
     return [make_adapter(tiny_model_dir, root / f"lora{seed}", seed=seed) for seed in (1, 2)]
