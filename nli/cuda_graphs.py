@@ -204,6 +204,7 @@ class SmallBatchGraphs:
         self._slot: LoraSlot | None = None
         self._decoder: Any = None
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._layers: dict[str, Any] | None = None  # PEFT's LoRA layers; walked again after forget
         self._pool: Any = None
         self._unfit: dict[str, str] = {}  # adapter -> why it runs eagerly (logged once)
         self.broken: str | None = None  # why recording failed; the classifier stops using us
@@ -212,11 +213,13 @@ class SmallBatchGraphs:
         return self.broken is None and self.settings.bucket(rows, longest) is not None
 
     def forget(self, adapter: str | None = None, *, everything: bool = False) -> None:
-        """An adapter was attached or detached: its weights in the slot are stale.
+        """An adapter is being attached or detached: its weights in the slot are stale, and the
+        LoRA layers may change.
 
         ``everything``: PEFT wrapped or unwrapped the model. The graphs survive that (they hold
         the base layers, which PEFT keeps), unless a base weight moved: then they are dropped.
         """
+        self._layers = None
         if self._slot is not None and (everything or self._slot.holds == adapter):
             self._slot.load({}, None)
         if everything:
@@ -256,7 +259,11 @@ class SmallBatchGraphs:
         if adapter is not None and adapter in self._unfit:
             return None
         if self._slot.holds != adapter:
-            layers = {} if adapter is None else lora_layers(decoder)
+            layers: dict[str, Any] = {}
+            if adapter is not None:
+                if self._layers is None:
+                    self._layers = lora_layers(decoder)
+                layers = self._layers
             why = None if adapter is None else self._slot.fit(layers, adapter)
             if why is not None:
                 assert adapter is not None
@@ -284,6 +291,7 @@ class SmallBatchGraphs:
 
     def _reset(self, decoder: Any) -> None:
         self._graphs.clear()
+        self._layers = None
         self._unfit.clear()
         self._decoder = decoder
         # Normal tensors, not inference ones: attach/detach zero them outside inference mode.
