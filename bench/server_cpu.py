@@ -22,9 +22,8 @@ from pathlib import Path
 import psutil
 
 from bench.classify_latency import free_port, start_server, stop_server, wait_ready
-from bench.common import DEFAULT_DATA
+from bench.common import DEFAULT_DATA, read_pairs
 from bench.load_clients import run_load
-from nli.data import read_nli_file
 
 
 def thread_cpu(process: psutil.Process) -> dict[int, float]:
@@ -55,8 +54,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, server, 600)
-        examples = read_nli_file(args.data, max_rows=None).examples[:500]
-        payloads = [{"premise": e.premise, "hypothesis": e.hypothesis} for e in examples]
+        payloads = [{"premise": p, "hypothesis": h} for p, h in read_pairs(args.data, 500)]
         process = psutil.Process(server.pid)
         before, started = thread_cpu(process), time.perf_counter()
         load = run_load(
