@@ -3,6 +3,7 @@
     nli-train train --recipe NAME_OR_PATH [--set section.key=value ...] [--output DIR] [--resume]
     nli-train evaluate --data FILE_OR_HUB_ID [--split NAME] [--columns MAP] [--adapter DIR]
                        [--base-model ID] [--compare-base] [--report-dir DIR]
+    nli-train average ADAPTER ADAPTER [...] --output DIR [--rank R] [--overwrite]
     nli-train recipes
 
 Errors the user can fix (bad data, bad config, missing model) are one line on stderr and exit
@@ -75,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    average = commands.add_parser(
+        "average", help="average adapters of one base into one (a uniform soup of their updates)"
+    )
+    average.add_argument("adapters", nargs="+", help="adapter folders (two or more)")
+    average.add_argument("--output", required=True, help="folder for the averaged adapter")
+    average.add_argument(
+        "--rank",
+        type=int,
+        help="compress each layer's mean update to this rank (default: exact, sum of the ranks)",
+    )
+    average.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
     commands.add_parser("recipes", help="list the shipped recipes")
     return parser
 
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "average":
+            return _average(args)
         return _recipes()
     except NLIError as exc:
         _say(f"nli-train: error: {exc.message}", err=True)
@@ -168,6 +183,23 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     if args.report_dir:
         _say(f"report: {Path(args.report_dir) / 'report.md'}")
+    return 0
+
+
+def _average(args: argparse.Namespace) -> int:
+    from training.average import average_adapters
+
+    summary = average_adapters(
+        [Path(a) for a in args.adapters],
+        Path(args.output),
+        rank=args.rank,
+        overwrite=args.overwrite,
+    )
+    how = "exact" if summary["exact"] else f"worst layer error {summary['max_relative_error']:.2%}"
+    _say(
+        f"adapter: {args.output} (mean of {len(args.adapters)} adapters, rank {summary['rank']}, "
+        f"{how}); evaluate it before use: nli-train evaluate --adapter {args.output} ..."
+    )
     return 0
 
 
