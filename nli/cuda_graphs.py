@@ -14,6 +14,13 @@ hot swaps keep their graphs. The slot computes what PEFT's plain LoRA layer comp
 (``result + B(A(x_fp32)) * scaling``, with PEFT's casts), exactly when the scaling is a power
 of two (``alpha / r = 2``, the recipes' choice) and up to float rounding otherwise.
 
+Batch-1 latency is bound by kernel count, and the slot costs a few kernels per layer (casts, two
+matmuls, an add). Sibling layers that read the same input (attention's q/k/v, the MLP's gate/up)
+share the first half: their ``A`` matrices are views into one concatenated buffer, and the input
+is cast and multiplied by it once per group; each member then applies its ``B`` to its slice.
+Groups are guessed from names and checked at run time by the input's identity, so a wrong guess
+only costs the sharing, never correctness.
+
 Rows are right-padded and run without an attention mask: causal attention never lets a real
 token see the padding that follows it, and only each row's last real position is read.
 
@@ -24,6 +31,7 @@ Only plain LoRA adapters of rank <= ``R`` on the decoder's linear layers use the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,14 +87,90 @@ def lora_layers(decoder: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-class LoraSlot:
-    """Rank-``rank`` float32 LoRA weights beside each of ``modules``; see the module docstring."""
+# Sibling layers that read the same input in Llama, Qwen2 and SmolLM2 decoders.
+_SHARED_INPUT_NAMES = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+)
 
-    def __init__(self, modules: dict[str, torch.nn.Linear], rank: int, device: torch.device):
+
+def input_groups(modules: dict[str, torch.nn.Linear]) -> list[list[str]]:
+    """Groups of ``modules`` that should read the same input, in ``modules``' order: siblings
+    (same parent) named like attention's q/k/v or the MLP's gate/up, with equal input widths.
+
+    Only a guess from names: the slot's hooks check at run time that the input is shared.
+    """
+    found: dict[tuple[str, int, int], list[str]] = {}
+    for name, module in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        for kind, names in enumerate(_SHARED_INPUT_NAMES):
+            if leaf in names:
+                found.setdefault((parent, kind, module.in_features), []).append(name)
+    return [names for names in found.values() if len(names) > 1]
+
+
+class _SharedDown:
+    """One group's ``x_fp32 @ A_group^T``: computed once per input by a pre-hook on the group's
+    first member, read by every member whose input is that very tensor.
+
+    Held only until every member has read its slice (or the slot's hooks are removed), so the
+    products of earlier layers do not pile up in a recorded graph's memory pool.
+    """
+
+    def __init__(self, a: torch.Tensor, rank: int, members: int) -> None:
+        self.a = a  # [members * rank, in_features]
+        self.rank = rank
+        self.members = members
+        self.input: torch.Tensor | None = None
+        self.product: torch.Tensor | None = None
+        self.unread = 0
+
+    def pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self.input = args[0]
+        self.product = F.linear(args[0].to(self.a.dtype), self.a)
+        self.unread = self.members
+
+    def take(self, x: torch.Tensor, member: int) -> torch.Tensor | None:
+        """Member ``member``'s ``x_fp32 @ A^T`` (a view), or None when ``x`` is not the input
+        the product was computed from (the member then computes its own)."""
+        if self.product is None or x is not self.input:
+            return None
+        down = self.product[..., member * self.rank : (member + 1) * self.rank]
+        self.unread -= 1
+        if self.unread == 0:
+            self.clear()
+        return down
+
+    def clear(self) -> None:
+        self.input = self.product = None
+
+
+class LoraSlot:
+    """Rank-``rank`` float32 LoRA weights beside each of ``modules``; see the module docstring.
+
+    ``groups``: lists of modules that read the same input, whose ``A`` share one buffer and one
+    matmul (default ``input_groups(modules)``; ``[]`` shares nothing).
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, torch.nn.Linear],
+        rank: int,
+        device: torch.device,
+        groups: Sequence[Sequence[str]] | None = None,
+    ) -> None:
         self.modules = modules
         self.rank = rank
+        self.groups = [list(g) for g in (input_groups(modules) if groups is None else groups)]
+        self._shared: dict[str, tuple[_SharedDown, int]] = {}  # member -> its group, its index
+        views: dict[str, torch.Tensor] = {}
+        for names in self.groups:
+            views.update(self._share(names, device))
+        # A grouped module's A is a view into its group's buffer: load() writes it in place.
         self.a = {
-            name: torch.zeros(rank, m.in_features, dtype=torch.float32, device=device)
+            name: views[name]
+            if name in views
+            else torch.zeros(rank, m.in_features, dtype=torch.float32, device=device)
             for name, m in modules.items()
         }
         self.b = {
@@ -95,6 +179,20 @@ class LoraSlot:
         }
         self.holds: str | None = None  # the adapter whose weights the slot holds (None: zeros)
         self._addresses = self._weight_addresses()
+
+    def _share(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """One concatenated A buffer ``[len(names) * rank, in]`` for a group of modules: each
+        member's A, a view into it, by name."""
+        widths = {self.modules[name].in_features for name in names}
+        if len(widths) != 1 or len(set(names)) != len(names) or self._shared.keys() & set(names):
+            raise ValueError(f"cannot share one input between {names}")
+        a = torch.zeros(len(names) * self.rank, widths.pop(), dtype=torch.float32, device=device)
+        shared = _SharedDown(a, self.rank, len(names))
+        views = {}
+        for index, name in enumerate(names):
+            self._shared[name] = (shared, index)
+            views[name] = a[index * self.rank : (index + 1) * self.rank]
+        return views
 
     def _weight_addresses(self) -> list[int]:
         return [m.weight.data_ptr() for m in self.modules.values()]
@@ -105,18 +203,27 @@ class LoraSlot:
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
-        """Add the slot's LoRA to every module's output while the block runs."""
-        handles = [
-            module.register_forward_hook(
-                _slot_hook(self.a[name], self.b[name], add_in_output_dtype=_is_bnb(module))
+        """Add the slot's LoRA to every module's output while the block runs; a group's first
+        member also computes the group's ``x_fp32 @ A_group^T`` (before its own forward)."""
+        handles = []
+        for name, module in self.modules.items():
+            shared, index = self._shared.get(name, (None, 0))
+            if shared is not None and index == 0:
+                handles.append(module.register_forward_pre_hook(shared.pre_hook))
+            hook = _slot_hook(
+                self.a[name],
+                self.b[name],
+                add_in_output_dtype=_is_bnb(module),
+                shared=None if shared is None else functools.partial(shared.take, member=index),
             )
-            for name, module in self.modules.items()
-        ]
+            handles.append(module.register_forward_hook(hook))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for group, _ in self._shared.values():
+                group.clear()  # no input or product outlives the block
 
     def fit(self, layers: dict[str, Any], adapter: str) -> str | None:
         """Why ``adapter`` cannot run in this slot, or None when it can."""
@@ -167,12 +274,21 @@ def _is_bnb(module: torch.nn.Module) -> bool:
 
 
 def _slot_hook(
-    a: torch.Tensor, b: torch.Tensor, *, add_in_output_dtype: bool
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    add_in_output_dtype: bool,
+    shared: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Callable[..., torch.Tensor]:
+    # ``shared`` gives this module's x_fp32 @ A^T from its group's one matmul when the input is
+    # the group's (the same numbers up to matmul rounding); otherwise the module computes its own.
     # PEFT's LoRA layer for bitsandbytes bases casts the LoRA term to the output's dtype before
     # adding it (peft.tuners.lora.bnb); its plain Linear adds in float32 and casts the sum.
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        lora = F.linear(F.linear(args[0].to(a.dtype), a), b)
+        down = None if shared is None else shared(args[0])
+        if down is None:
+            down = F.linear(args[0].to(a.dtype), a)
+        lora = F.linear(down, b)
         if add_in_output_dtype:
             return output + lora.to(output.dtype)
         return (output + lora).to(output.dtype)

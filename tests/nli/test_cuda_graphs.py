@@ -17,7 +17,14 @@ import pytest
 import torch
 
 from nli.classifier import NLIClassifier
-from nli.cuda_graphs import GraphSettings, SmallBatchGraphs, lora_layers
+from nli.cuda_graphs import (
+    GraphSettings,
+    LoraSlot,
+    SmallBatchGraphs,
+    input_groups,
+    lora_layers,
+    slot_modules,
+)
 from nli.loading import LoadedBase, load_base_model
 from tests.nli.test_fast_attach import PAIRS, make_adapter
 
@@ -243,3 +250,143 @@ def test_recorded_graphs_on_cuda(tiny_model_dir: Path, adapters: dict[str, Path]
             recorded = graphs.recorded
     assert graphs.broken is None
     assert graphs.recorded == recorded and recorded
+
+
+def slot_with_adapter(
+    tiny_model_dir: Path, adapters: dict[str, Path], *, dequantize: bool = True
+) -> tuple[NLIClassifier, Any, dict[str, Any]]:
+    """A classifier holding the adapter ``second`` (alpha / r = 2: the slot is exact), its
+    decoder and PEFT's LoRA layers in it."""
+    base = load_base_model(str(tiny_model_dir), device="cpu", dequantize=dequantize)
+    classifier = NLIClassifier(base, max_batch_size=4)
+    classifier.attach_adapter(adapters["second"], name="second")
+    decoder = classifier.model.get_base_model().get_decoder()
+    layers = lora_layers(decoder)
+    for layer in layers.values():
+        layer.set_adapter("second")
+        layer.enable_adapters(True)
+    return classifier, decoder, layers
+
+
+def loaded_slot(
+    decoder: Any, layers: dict[str, Any], groups: list[list[str]] | None = None
+) -> LoraSlot:
+    slot = LoraSlot(slot_modules(decoder), SETTINGS.lora_rank, torch.device("cpu"), groups)
+    assert slot.fit(layers, "second") is None
+    slot.load(layers, "second")
+    return slot
+
+
+def test_q_k_v_and_gate_up_share_one_a_buffer(tiny_model_dir: Path) -> None:
+    base = load_base_model(str(tiny_model_dir), device="cpu")
+    modules = slot_modules(base.model.get_decoder())
+    groups = input_groups(modules)
+    blocks = base.model.config.num_hidden_layers
+    want: list[list[str]] = []
+    for i in range(blocks):
+        want.append([f"layers.{i}.self_attn.{p}_proj" for p in "qkv"])
+        want.append([f"layers.{i}.mlp.{p}_proj" for p in ("gate", "up")])
+    assert groups == want
+    slot = LoraSlot(modules, 8, torch.device("cpu"))
+    for names in groups:
+        first = slot.a[names[0]]
+        for index, name in enumerate(names):
+            # One buffer, rank rows per member, in order: load() writes where the matmul reads.
+            assert slot.a[name].shape == (8, modules[name].in_features)
+            assert slot.a[name]._base is first._base and first._base is not None
+            assert slot.a[name].data_ptr() == first.data_ptr() + index * slot.a[name].nbytes
+    assert LoraSlot(modules, 8, torch.device("cpu"), groups=[]).a[groups[0][1]]._base is None
+    with pytest.raises(ValueError, match="cannot share"):
+        LoraSlot(modules, 8, torch.device("cpu"), groups=[[groups[0][0], groups[0][0]]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dequantize", [False, True], ids=["nf4", "dequantized"])
+def test_fused_slot_layer_outputs_equal_unfused_and_peft(
+    tiny_model_dir: Path, adapters: dict[str, Path], dequantize: bool, dtype: torch.dtype
+) -> None:
+    """q/k/v (and gate/up) called on one input, as the decoder does, take their ``x @ A^T`` from
+    the group's one matmul: the layer outputs are PEFT's. In bf16, bit for bit (as the unfused
+    slot is), which also pins the order of add and cast; in fp32, up to matmul rounding."""
+    _, decoder, layers = slot_with_adapter(tiny_model_dir, adapters, dequantize=dequantize)
+    fused = loaded_slot(decoder, layers)
+    unfused = loaded_slot(decoder, layers, groups=[])
+    assert len(fused.groups) == 2 * len(decoder.layers)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for names in fused.groups:
+            x = torch.randn(2, 5, fused.modules[names[0]].in_features, dtype=dtype)
+            want = {name: layers[name](x) for name in names}
+            got: dict[str, torch.Tensor] = {}
+            alone: dict[str, torch.Tensor] = {}
+            with fused.hooked():
+                got = {name: fused.modules[name](x) for name in names}
+            with unfused.hooked():
+                alone = {name: unfused.modules[name](x) for name in names}
+            for name in names:
+                assert got[name].dtype == want[name].dtype == dtype
+                if dtype == torch.bfloat16:
+                    torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+                    torch.testing.assert_close(got[name], alone[name], rtol=0, atol=0)
+                else:
+                    scale = float(want[name].abs().max())
+                    torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6 * scale)
+                    torch.testing.assert_close(got[name], alone[name], rtol=0, atol=1e-6 * scale)
+
+
+def test_a_member_whose_input_is_not_the_groups_computes_its_own_term(
+    tiny_model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    _, decoder, layers = slot_with_adapter(tiny_model_dir, adapters)
+    slot = loaded_slot(decoder, layers)
+    q, k, v = next(names for names in slot.groups if len(names) == 3)
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 2, 5, slot.modules[q].in_features, dtype=torch.bfloat16)
+    with torch.inference_mode(), slot.hooked():
+        got_q = slot.modules[q](x)  # its pre-hook computes the group's product for x
+        got_k = slot.modules[k](y)  # another input: k must not take x's slice
+        got_v = slot.modules[v](x)  # still x: v reads the cached product
+        got_y = slot.modules[v](y.clone())  # an equal tensor that is not the input either
+    with torch.inference_mode():
+        torch.testing.assert_close(got_q, layers[q](x), rtol=0, atol=0)
+        torch.testing.assert_close(got_k, layers[k](y), rtol=0, atol=0)
+        torch.testing.assert_close(got_v, layers[v](x), rtol=0, atol=0)
+        torch.testing.assert_close(got_y, layers[v](y), rtol=0, atol=0)
+        # The check above could fail: k's term on x is far from its term on y.
+        assert not torch.allclose(layers[k](x), got_k, atol=0.1)
+
+
+def count_ops(slot: LoraSlot, decoder: Any, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The decoder's hidden states with ``slot`` hooked in, and how many matmuls that ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with slot.hooked():
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+    return hidden, sum(event.name == "aten::mm" for event in prof.events())
+
+
+def test_fused_decoder_runs_fewer_matmuls_and_a_wrong_group_is_harmless(
+    tiny_model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    classifier, decoder, layers = slot_with_adapter(tiny_model_dir, adapters)
+    fused = loaded_slot(decoder, layers)
+    unfused = loaded_slot(decoder, layers, groups=[])
+    # o_proj reads the attention's output, not q's input: the guess is wrong at run time.
+    wrong = loaded_slot(
+        decoder,
+        layers,
+        groups=[
+            [f"layers.{i}.self_attn.{p}_proj" for p in "qo"] for i in range(len(decoder.layers))
+        ],
+    )
+    ids = torch.tensor(classifier.encode(PAIRS[:1]))
+    with classifier.model.disable_adapter():
+        got, fused_mm = count_ops(fused, decoder, ids)
+        want, unfused_mm = count_ops(unfused, decoder, ids)
+        wrong_got, wrong_mm = count_ops(wrong, decoder, ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(wrong_got, want, rtol=0, atol=0)
+    # One A matmul per group instead of one per member: 2 saved on q/k/v, 1 on gate/up.
+    assert unfused_mm - fused_mm == 3 * len(decoder.layers)
+    assert wrong_mm == unfused_mm  # q's share of [q; o] in one matmul, o's own: no saving
