@@ -164,6 +164,29 @@ class ModelRuntime:
         )
         for callback in callbacks:
             callback(ready)
+        self._record_graphs(ready)
+
+    def _record_graphs(self, ready: Ready) -> None:
+        """Record the CUDA graphs of the common batch shapes while requests are already served
+        (each recording takes the forward lock once; a request waits for at most one)."""
+        graphs = ready.classifier.graphs
+        tokens = self.settings.cuda_graph_warmup_tokens
+        if graphs is None or tokens < 1:
+            return
+        started, count = time.perf_counter(), 0
+        try:
+            for rows, length in graphs.settings.buckets(tokens):
+                if self._ready is not ready:  # stopped meanwhile
+                    return
+                count += ready.classifier.record_graph(rows, length)
+        except Exception as exc:  # noqa: BLE001 - a missing graph is recorded on first use
+            logger.warning("recording CUDA graphs ahead of traffic stopped: %s", exc)
+        logger.info(
+            "%d CUDA graphs ready (prompts up to %d tokens) in %.1f s",
+            count,
+            tokens,
+            time.perf_counter() - started,
+        )
 
     def _load_default_adapter(self, registry: AdapterRegistry) -> None:
         wanted = self.settings.default_adapter
@@ -210,6 +233,7 @@ class ModelRuntime:
             "cuda_graphs": "off"
             if graphs is None
             else ("on" if graphs.broken is None else f"failed: {graphs.broken}"),
+            "cuda_graphs_recorded": 0 if graphs is None else len(graphs.recorded),
             "default_adapter": ready.registry.default,
         }
 

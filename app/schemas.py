@@ -174,6 +174,9 @@ class ReadyResponse(BaseModel):
     cuda_graphs: str = Field(
         description="'on', 'off' (disabled, or not on CUDA) or 'failed: <why>' (scoring eagerly)"
     )
+    cuda_graphs_recorded: int = Field(
+        description="CUDA graphs recorded so far (batch shapes that replay; 0 when off)"
+    )
     default_adapter: str
 
 

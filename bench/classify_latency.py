@@ -151,6 +151,21 @@ def wait_ready(url: str, process: Any, timeout: float) -> dict[str, Any]:
     raise SystemExit(f"{url} not ready after {timeout:.0f} s")
 
 
+def wait_graphs(url: str, *, quiet_s: float = 1.0, timeout: float = 120.0) -> int:
+    """Wait until the server's CUDA graphs ahead of traffic are recorded (the count in /ready
+    unchanged for ``quiet_s``), so that no measurement shares the GPU with a recording."""
+    deadline = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = int(httpx.get(f"{url}/ready", timeout=5.0).json().get("cuda_graphs_recorded", 0))
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.1)
+    return count
+
+
 def stop_server(process: Any, timeout: float = 60.0) -> int | str:
     if process.poll() is None:
         process.terminate()
@@ -543,6 +558,11 @@ def main() -> None:
         t = time.perf_counter()
         ready = wait_ready(url, server, args.ready_timeout)
         result["ready"] = {**ready, "seconds": round(time.perf_counter() - t, 1)}
+        if ready.get("cuda_graphs") == "on":
+            t = time.perf_counter()
+            recorded = wait_graphs(url)
+            result["ready"]["graphs_ahead_of_traffic"] = recorded
+            result["ready"]["graphs_seconds"] = round(time.perf_counter() - t, 1)
         with httpx.Client(base_url=url, timeout=120.0) as client:
             if "one_client" in args.phases:
                 result["one_client"] = one_client(

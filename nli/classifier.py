@@ -355,6 +355,20 @@ class NLIClassifier:
                     parts.append((rows + start, probs))
         return self._to_host(len(pairs), parts)
 
+    @torch.inference_mode()
+    def record_graph(self, rows: int, length: int) -> bool:
+        """Record the CUDA graph of the ``(rows, length)`` bucket now, unless it exists, so no
+        request waits for its recording later. False when graphs are off, broken or the bucket
+        is too large for one. Takes the forward lock once: requests interleave with recordings.
+        """
+        graphs = self.graphs
+        if graphs is None or not graphs.fits(rows, length):
+            return False
+        if graphs.settings.bucket(rows, length) not in graphs.recorded:
+            # Any ids do: a graph is recorded for a shape, and the bare base needs no adapter.
+            self._forward([[self.tokenizer.pad_token_id] * length] * rows, [None] * rows)
+        return graphs.settings.bucket(rows, length) in graphs.recorded
+
     def score_encoded(
         self,
         encoded: Sequence[Sequence[int]],

@@ -62,9 +62,21 @@ class GraphSettings:
         """(rows, length) of the graph for a batch, or None when it is too large for one."""
         if rows < 1 or rows > self.max_batch or longest < 1 or longest > self.max_length:
             return None
-        batch = 1 << (rows - 1).bit_length()
-        length = -(-longest // self.length_step) * self.length_step
-        return min(batch, self.max_batch), min(length, self.max_length)
+        return self._rows(rows), self._length(longest)
+
+    def buckets(self, max_tokens: int) -> list[tuple[int, int]]:
+        """Every (rows, length) bucket for prompts of up to ``max_tokens`` tokens, shortest
+        first (what ``NLIClassifier.record_graph`` records ahead of traffic)."""
+        rows = sorted({self._rows(n) for n in range(1, self.max_batch + 1)})
+        tokens = min(max_tokens, self.max_length)
+        lengths = sorted({self._length(n) for n in range(1, tokens + 1)})
+        return [(n, length) for length in lengths for n in rows]
+
+    def _rows(self, rows: int) -> int:
+        return min(1 << (rows - 1).bit_length(), self.max_batch)
+
+    def _length(self, longest: int) -> int:
+        return min(-(-longest // self.length_step) * self.length_step, self.max_length)
 
 
 def slot_modules(decoder: torch.nn.Module) -> dict[str, torch.nn.Linear]:

@@ -330,6 +330,7 @@ def test_dequantized_service_scores_like_the_packed_one(
         ready = client.get("/ready").json()
         assert ready["dequantized"] is True and ready["quantization"] == "nf4"
         assert ready["cuda_graphs"] == "off"  # CPU
+        assert ready["cuda_graphs_recorded"] == 0
         assert client.post("/adapters", json={"name": "alpha"}).status_code == 200
         for adapter in ("alpha", "base"):
             for pair in PAIRS[:3]:

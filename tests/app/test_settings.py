@@ -59,6 +59,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         "NLI_PORT": "9000",
         "NLI_DEQUANTIZE": "true",
         "NLI_CUDA_GRAPHS": "false",
+        "NLI_CUDA_GRAPH_WARMUP_TOKENS": "0",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -70,6 +71,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert (settings.device, settings.quantization) == ("cpu", "none")
     assert settings.dequantize is True
     assert settings.cuda_graphs is False  # default True
+    assert settings.cuda_graph_warmup_tokens == 0  # default 128
     assert (settings.max_batch_size, settings.max_batch_wait_ms) == (8, 0.5)
     assert (settings.max_pairs_per_request, settings.max_text_chars) == (10, 100)
     assert (settings.max_upload_bytes, settings.eval_sync_max_rows) == (1000, 0)

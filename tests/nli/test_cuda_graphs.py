@@ -237,6 +237,8 @@ def test_recorded_graphs_on_cuda(tiny_model_dir: Path, adapters: dict[str, Path]
     classifier = NLIClassifier(base, max_batch_size=4, cuda_graphs=True, graph_settings=SETTINGS)
     graphs = classifier.graphs
     assert graphs is not None
+    for rows, length in SETTINGS.buckets(64):  # as the service does once ready
+        assert classifier.record_graph(rows, length)
     for name in ("first", "second", "attention"):
         classifier.attach_adapter(adapters[name], name=name)
     order = [None, "first", "second", "attention", "first", None]
@@ -390,3 +392,27 @@ def test_fused_decoder_runs_fewer_matmuls_and_a_wrong_group_is_harmless(
     # One A matmul per group instead of one per member: 2 saved on q/k/v, 1 on gate/up.
     assert unfused_mm - fused_mm == 3 * len(decoder.layers)
     assert wrong_mm == unfused_mm  # q's share of [q; o] in one matmul, o's own: no saving
+
+
+def test_graphs_recorded_ahead_of_traffic_serve_later_batches(
+    classifier: NLIClassifier, adapters: dict[str, Path]
+) -> None:
+    graphs = classifier.graphs
+    assert graphs is not None
+    before = graphs.recorded  # the fixture's first scoring
+    assert SETTINGS.buckets(40) == [(n, length) for length in (16, 32, 48) for n in (1, 2, 4)]
+    assert SETTINGS.buckets(0) == []
+    for rows, length in SETTINGS.buckets(40):
+        assert classifier.record_graph(rows, length)
+    assert graphs.recorded == sorted({*before, *SETTINGS.buckets(40)})
+    assert classifier.record_graph(3, 20)  # an existing bucket (4, 32): nothing new
+    assert not classifier.record_graph(SETTINGS.max_batch + 1, 10)  # too many rows for a graph
+    assert not classifier.record_graph(1, SETTINGS.max_length + 1)  # too long
+    assert len(graphs.recorded) == len({*before, *SETTINGS.buckets(40)})
+    # The pad-filled recordings leave nothing behind: adapters and the base score as before.
+    classifier.attach_adapter(adapters["first"], name="first")
+    for adapter in ("first", None):
+        got = classifier.score_pairs(PAIRS, adapter)
+        np.testing.assert_allclose(got, reference(classifier, PAIRS, adapter), atol=ATOL)
+    classifier.graphs = None
+    assert not classifier.record_graph(1, 10)  # graphs off
