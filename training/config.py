@@ -156,10 +156,6 @@ class DataConfig:
     premise/hypothesis/label or sentence1/sentence2/gold_label are recognised."""
     max_train_examples: int | None = None
     """Use only the first N training examples (quick runs, tests); ``null`` for all."""
-    swap_contradictions: bool = False
-    """Also train on every contradiction pair with premise and hypothesis swapped: if A
-    contradicts B, B contradicts A (entailment and neutral are not symmetric, so only
-    contradictions are added). Applied after ``max_train_examples``."""
     cache_dir: str | None = None
     """Where tokenised data is cached; ``null`` = ``$NLI_CACHE_DIR/tokenized``. Never next to the
     data, which may be read-only."""

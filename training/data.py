@@ -23,7 +23,6 @@ from nli.data import Example, NLIData, load_nli_data, parse_columns
 from nli.default_model import cache_dir
 from nli.errors import DataError, InputTooLongError
 from nli.fsutil import file_lock
-from nli.labels import LABELS
 from nli.prompt import PairEncoder
 from nli.scoring import collate
 from training.config import DataConfig, EvalConfig, expand_source, parse_slice
@@ -79,8 +78,6 @@ def prepare_data(
         train_examples += added.examples
     if data_cfg.max_train_examples is not None:
         train_examples = train_examples[: data_cfg.max_train_examples]
-    swapped = swapped_contradictions(train_examples) if data_cfg.swap_contradictions else []
-    train_examples += swapped
     test = None
     if eval_cfg.test_file is not None:
         test = load_split(eval_cfg.test_file, split=eval_cfg.test_split, columns=data_cfg.columns)
@@ -98,7 +95,6 @@ def prepare_data(
         "train_examples": len(train_examples),
         "train_dropped": train.dropped,
         "extra_train_from_dev": extra,
-        "swapped_contradictions": len(swapped),
         "dev_source": dev.source,
         "dev_examples": len(dev.examples),
         "dev_dropped": dev_all.dropped,
@@ -114,15 +110,6 @@ def prepare_data(
         f", {len(test.examples)} test examples" if test else "",
     )
     return PreparedData(train_set, dev_set, dev, test, summary)
-
-
-def swapped_contradictions(examples: list[Example]) -> list[Example]:
-    """Each contradiction with its premise and hypothesis swapped (contradiction is symmetric)."""
-    return [
-        Example(premise=e.hypothesis, hypothesis=e.premise, label=e.label)
-        for e in examples
-        if LABELS[e.label] == "contradiction"
-    ]
 
 
 def cache_key(examples: list[Example], encoder: PairEncoder, *, tokenizer_key: str) -> str:

@@ -16,9 +16,7 @@ from nli.scoring import collate
 from training.data import (
     LabelCollator,
     LengthGroupedSampler,
-    PreparedData,
     prepare_data,
-    swapped_contradictions,
     tokenize,
     tokenizer_fingerprint,
 )
@@ -114,32 +112,3 @@ def test_shared_snli_splits(
     assert data.dev_data.source.endswith("dev.jsonl[:2000]")
     assert data.test_data is not None and len(data.test_data.examples) == 9_824
     assert not list(shared_data.rglob("*.arrow"))  # nothing written next to the data
-
-
-def test_swapped_contradictions_are_added_only_when_asked(
-    synthetic_data: Path, encoder: PairEncoder, tmp_path: Path
-) -> None:
-    overrides = [
-        f"data.train_file={synthetic_data / 'train.jsonl'}",
-        f"data.dev_file={synthetic_data / 'dev.jsonl'}",
-        "data.dev_rows=:96",
-        f"data.cache_dir={tmp_path}",
-    ]
-
-    def prepare(*extra: str) -> PreparedData:
-        cfg = load_config("smollm2-135m-snli-fast", [*overrides, *extra])
-        return prepare_data(cfg.data, cfg.eval, encoder, tokenizer_key="tiny")
-
-    plain, swapped = prepare(), prepare("data.swap_contradictions=true")
-    contradictions = sum(1 for label in plain.train["labels"] if label == 2)
-    assert contradictions > 0 and plain.summary["swapped_contradictions"] == 0
-    assert swapped.summary["swapped_contradictions"] == contradictions
-    assert len(swapped.train) == len(plain.train) + contradictions
-    assert swapped.summary["train_examples"] == len(swapped.train)
-    assert len(swapped.dev) == len(plain.dev)  # selection rows are never augmented
-    # The added rows are the contradictions with the two texts exchanged, labelled contradiction.
-    rows = [
-        Example(" a child sits ", "a child is eating", 2),
-        Example("a man runs", "a man moves", 0),
-    ]
-    assert swapped_contradictions(rows) == [Example("a child is eating", " a child sits ", 2)]
