@@ -364,10 +364,11 @@ class NLIClassifier:
         graphs = self.graphs
         if graphs is None or not graphs.fits(rows, length):
             return False
-        if graphs.settings.bucket(rows, length) not in graphs.recorded:
+        bucket = graphs.settings.bucket(rows, length)
+        if bucket not in graphs.recorded:
             # Any ids do: a graph is recorded for a shape, and the bare base needs no adapter.
             self._forward([[self.tokenizer.pad_token_id] * length] * rows, [None] * rows)
-        return graphs.settings.bucket(rows, length) in graphs.recorded
+        return bucket in graphs.recorded
 
     def score_encoded(
         self,

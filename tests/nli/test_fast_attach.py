@@ -40,14 +40,18 @@ def make_adapter(
     *,
     seed: int,
     r: int = 4,
+    alpha: int | None = None,
     dtype: torch.dtype = torch.float32,
     **config: Any,
 ) -> Path:
-    """A LoRA adapter with random weights (stored in ``dtype``) and its manifest."""
+    """A LoRA adapter with random weights (stored in ``dtype``) and its manifest; ``alpha``
+    defaults to ``2 * r``."""
     base = load_base_model(str(model_dir), device="cpu")
     torch.manual_seed(seed)
     config.setdefault("target_modules", ALL)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, **config)
+    lora = LoraConfig(
+        r=r, lora_alpha=2 * r if alpha is None else alpha, init_lora_weights=False, **config
+    )
     get_peft_model(base.model, lora).save_pretrained(folder)
     if dtype != torch.float32:
         weights = load_file(folder / WEIGHTS_FILE)

@@ -8,23 +8,15 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from nli.classifier import NLIClassifier
 from nli.errors import AdapterInvalidError, ConfigError
 from nli.loading import LoadedBase, load_base_model
 from nli.manifest import PEFT_CONFIG_FILE, WEIGHTS_FILE, read_manifest
-from tests.nli.adapters import write_synthetic_manifest
+from tests.nli.test_fast_attach import PAIRS, make_adapter
 from training.average import average_adapters
 from training.cli import main
-
-PAIRS = [
-    ("a man is playing guitar in the park", "a man plays music"),
-    ("two dogs are running on the beach", "the dogs are not outside"),
-    ("the child is sitting", "a child is sitting"),
-]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +24,13 @@ def base(tiny_model_dir: Path) -> LoadedBase:
     return load_base_model(str(tiny_model_dir), device="cpu")
 
 
-def make_adapter(
-    base: LoadedBase, folder: Path, *, seed: int, r: int = 4, alpha: int = 8, **config: Any
-) -> Path:
-    """A LoRA adapter with random weights (B too, so its update is not zero) and a manifest."""
-    torch.manual_seed(seed)
-    config.setdefault("target_modules", TARGETS)
-    lora = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, **config)
-    model = get_peft_model(base.model, lora)
-    model.save_pretrained(folder)
-    model.unload()  # leave the shared base as it was
-    return write_synthetic_manifest(folder, base)
-
-
 @pytest.fixture(scope="module")
-def members(base: LoadedBase, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def members(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("members")
     return [
-        make_adapter(base, root / "a", seed=1, r=4, alpha=8),
-        make_adapter(base, root / "b", seed=2, r=4, alpha=16),
-        make_adapter(base, root / "c", seed=3, r=2, alpha=2, use_rslora=True),
+        make_adapter(tiny_model_dir, root / "a", seed=1, r=4, alpha=8),
+        make_adapter(tiny_model_dir, root / "b", seed=2, r=4, alpha=16),
+        make_adapter(tiny_model_dir, root / "c", seed=3, r=2, alpha=2, use_rslora=True),
     ]
 
 
@@ -136,13 +115,13 @@ def test_a_compressed_average_is_the_best_low_rank_approximation(
     ],
 )
 def test_adapters_that_cannot_be_averaged_are_refused(
-    base: LoadedBase,
+    tiny_model_dir: Path,
     members: list[Path],
     tmp_path: Path,
     change: dict[str, Any],
     message: str,
 ) -> None:
-    odd = make_adapter(base, tmp_path / "odd", seed=9, **change)
+    odd = make_adapter(tiny_model_dir, tmp_path / "odd", seed=9, **change)
     with pytest.raises(AdapterInvalidError, match=message):
         average_adapters([members[0], odd], tmp_path / "out")
     assert not (tmp_path / "out").exists()
