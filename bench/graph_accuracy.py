@@ -63,6 +63,7 @@ def main() -> None:
         "device": str(base.device),
         "dequantized": base.dequantized,
         "recorded": base.device.type == "cuda",
+        "slot": type(graphs._slot).__name__,
         "rows": len(pairs),
         "accuracy_graphs": round(float((probs["graphs"].argmax(1) == gold).mean()), 4),
         "accuracy_eager": round(float((probs["eager"].argmax(1) == gold).mean()), 4),

@@ -14,8 +14,16 @@ hot swaps keep their graphs. The slot computes what PEFT's plain LoRA layer comp
 (``result + B(A(x_fp32)) * scaling``, with PEFT's casts), exactly when the scaling is a power
 of two (``alpha / r = 2``, the recipes' choice) and up to float rounding otherwise.
 
-Batch-1 latency is bound by kernel count, and the slot costs a few kernels per layer (casts, two
-matmuls, an add). Sibling layers that read the same input (attention's q/k/v, the MLP's gate/up)
+On a floating-point base (``NLI_DEQUANTIZE=1``, or an unquantized base) a **merged slot** is used
+instead: a copy of every linear layer's weight, which the graphs read in place of the layer's
+own. Serving adapter X writes ``W + scaling * B @ A`` into the copies (computed in float32, then
+rounded once to the weight's dtype): the recorded forward is then the bare base's, with no LoRA
+kernels at all, for any rank. It costs one more copy of the decoder's linear weights (SmolLM2:
+~0.2 GB; a 1.5B model: ~2.6 GB) and a merge per adapter change (a few ms on a GPU); the scores
+differ from PEFT's unmerged LoRA by the bf16 rounding of the merged weights.
+
+Batch-1 latency is bound by kernel count, and the LoRA slot costs a few kernels per layer (casts,
+two matmuls, an add). Sibling layers that read the same input (attention's q/k/v, the MLP's gate/up)
 share the first half: their ``A`` matrices are views into one concatenated buffer, and the input
 is cast and multiplied by it once per group; each member then applies its ``B`` to its slice.
 Groups are guessed from names and checked at run time by the input's identity, so a wrong guess
@@ -24,8 +32,9 @@ only costs the sharing, never correctness.
 Rows are right-padded and run without an attention mask: causal attention never lets a real
 token see the padding that follows it, and only each row's last real position is read.
 
-Only plain LoRA adapters of rank <= ``R`` on the decoder's linear layers use the graphs; others
-(DoRA, LoRA on embeddings, higher ranks), mixed-adapter batches and larger batches run eagerly.
+Only plain LoRA adapters on the decoder's linear layers (of rank <= ``R`` in the LoRA slot) use
+the graphs; others (DoRA, LoRA on embeddings, higher ranks in the LoRA slot), mixed-adapter
+batches and larger batches run eagerly.
 """
 
 from __future__ import annotations
@@ -51,12 +60,14 @@ _BASE_SUFFIX = ".base_layer"
 @dataclass(frozen=True)
 class GraphSettings:
     """Which batches are graphed: up to ``max_batch`` rows (buckets 1, 2, 4, ...) and
-    ``max_length`` tokens (buckets of ``length_step``); slot rank ``lora_rank``."""
+    ``max_length`` tokens (buckets of ``length_step``); LoRA slot rank ``lora_rank``;
+    ``merge``: use the merged slot where the base's weights are floating point."""
 
     max_batch: int = 64
     max_length: int = 256
     length_step: int = 32
     lora_rank: int = 64
+    merge: bool = True
 
     def bucket(self, rows: int, longest: int) -> tuple[int, int] | None:
         """(rows, length) of the graph for a batch, or None when it is too large for one."""
@@ -239,19 +250,7 @@ class LoraSlot:
 
     def fit(self, layers: dict[str, Any], adapter: str) -> str | None:
         """Why ``adapter`` cannot run in this slot, or None when it can."""
-        for name, layer in layers.items():
-            if adapter not in layer.lora_A:
-                continue
-            if name not in self.modules:
-                return f"LoRA on {name}, which has no slot"
-            if adapter in getattr(layer, "lora_variant", {}) or layer.merged:
-                return f"{name} is not plain LoRA (DoRA or another variant, or merged)"
-            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-            if not isinstance(a, torch.nn.Linear) or a.bias is not None or b.bias is not None:
-                return f"{name} is not a plain LoRA linear pair"
-            if a.weight.shape[0] > self.rank:
-                return f"rank {a.weight.shape[0]} is above the slot's {self.rank}"
-        return None
+        return _unfit_reason(self.modules, layers, adapter, max_rank=self.rank)
 
     @torch.no_grad()
     def load(self, layers: dict[str, Any], adapter: str | None) -> None:
@@ -275,6 +274,96 @@ class LoraSlot:
                 torch._foreach_copy_(dst_b, src_b)
                 torch._foreach_mul_(dst_b, scales)
         self.holds = adapter
+
+
+class MergedSlot:
+    """A copy of each of ``modules``' weights holding ``W + scaling * B @ A`` of one adapter (the
+    plain ``W`` for the bare base); see the module docstring. Floating-point weights only."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear]) -> None:
+        if not self.supports(modules):
+            raise ValueError("a merged slot needs floating-point linear layers")
+        self.modules = modules
+        with torch.no_grad():
+            self.weights = {name: m.weight.detach().clone() for name, m in modules.items()}
+        self.holds: str | None = None
+        self._changed: set[str] = set()  # copies that differ from the base weight now
+        self._addresses = self._weight_addresses()
+
+    @staticmethod
+    def supports(modules: dict[str, torch.nn.Linear]) -> bool:
+        return bool(modules) and all(
+            not _is_bnb(m) and m.weight.dtype.is_floating_point for m in modules.values()
+        )
+
+    def _weight_addresses(self) -> list[int]:
+        return [m.weight.data_ptr() for m in self.modules.values()]
+
+    def weights_moved(self) -> bool:
+        """True when a module's weight is no longer where the copies were taken from."""
+        return self._weight_addresses() != self._addresses
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        """Every module computes with its merged copy while the block runs."""
+        originals: dict[str, Any] = {}
+        try:
+            for name, module in self.modules.items():
+                originals[name] = module.weight
+                module.weight = torch.nn.Parameter(self.weights[name], requires_grad=False)
+            yield
+        finally:
+            for name, weight in originals.items():
+                self.modules[name].weight = weight
+
+    def fit(self, layers: dict[str, Any], adapter: str) -> str | None:
+        """Why ``adapter`` cannot run in this slot, or None when it can (any rank can)."""
+        return _unfit_reason(self.modules, layers, adapter, max_rank=None)
+
+    @torch.no_grad()
+    def load(self, layers: dict[str, Any], adapter: str | None) -> None:
+        """Hold ``adapter`` merged (None: the base weights); ``fit`` must have passed."""
+        merged = {
+            name: layer
+            for name, layer in layers.items()
+            if adapter is not None and adapter in layer.lora_A
+        }
+        for name in self._changed - merged.keys():
+            self.weights[name].copy_(self.modules[name].weight)
+        for name, layer in merged.items():
+            base = self.modules[name].weight
+            update = torch.addmm(
+                base.float(),
+                layer.lora_B[adapter].weight.float(),
+                layer.lora_A[adapter].weight.float(),
+                alpha=float(layer.scaling[adapter]),
+            )
+            self.weights[name].copy_(update)
+        self._changed = set(merged)
+        self.holds = adapter
+
+
+def _unfit_reason(
+    modules: dict[str, torch.nn.Linear],
+    layers: dict[str, Any],
+    adapter: str,
+    *,
+    max_rank: int | None,
+) -> str | None:
+    """Why ``adapter``'s LoRA layers cannot run in a slot over ``modules``, or None."""
+    for name, layer in layers.items():
+        if adapter not in layer.lora_A:
+            continue
+        if name not in modules:
+            return f"LoRA on {name}, which has no slot"
+        if adapter in getattr(layer, "lora_variant", {}) or layer.merged:
+            return f"{name} is not plain LoRA (DoRA or another variant, or merged)"
+        a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+        if not isinstance(a, torch.nn.Linear) or a.bias is not None or b.bias is not None:
+            return f"{name} is not a plain LoRA linear pair"
+        if max_rank is not None and a.weight.shape[0] > max_rank:
+            return f"rank {a.weight.shape[0]} is above the slot's {max_rank}"
+    return None
 
 
 def _is_bnb(module: torch.nn.Module) -> bool:
@@ -329,7 +418,7 @@ class SmallBatchGraphs:
         self.device = device
         self.settings = settings or GraphSettings()
         self.record = record
-        self._slot: LoraSlot | None = None
+        self._slot: LoraSlot | MergedSlot | None = None
         self._decoder: Any = None
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._layers: dict[str, Any] | None = None  # PEFT's LoRA layers; walked again after forget
@@ -422,14 +511,19 @@ class SmallBatchGraphs:
         self._layers = None
         self._unfit.clear()
         self._decoder = decoder
-        # Normal tensors, not inference ones: attach/detach zero them outside inference mode.
+        modules = slot_modules(decoder)
+        # Normal tensors, not inference ones: attach/detach write them outside inference mode.
         with torch.inference_mode(False):
-            self._slot = LoraSlot(slot_modules(decoder), self.settings.lora_rank, self.device)
-        logger.info(
-            "CUDA-graph LoRA slot: rank %d on %d linear layers",
-            self.settings.lora_rank,
-            len(self._slot.modules),
-        )
+            if self.settings.merge and MergedSlot.supports(modules):
+                self._slot = MergedSlot(modules)
+                logger.info("CUDA-graph merged slot: %d linear layers", len(modules))
+            else:
+                self._slot = LoraSlot(modules, self.settings.lora_rank, self.device)
+                logger.info(
+                    "CUDA-graph LoRA slot: rank %d on %d linear layers",
+                    self.settings.lora_rank,
+                    len(modules),
+                )
 
     def _make(
         self,

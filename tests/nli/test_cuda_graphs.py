@@ -32,7 +32,7 @@ from tests.nli.test_fast_attach import PAIRS, make_adapter
 # prefix cache and a padding mask: the same tolerance as tests/nli/test_fast_scoring.py. The slot's
 # arithmetic itself is checked layer by layer, far tighter.
 ATOL = 2e-3
-SETTINGS = GraphSettings(max_batch=4, max_length=128, length_step=16, lora_rank=8)
+SETTINGS = GraphSettings(max_batch=4, max_length=128, length_step=16, lora_rank=8, merge=False)
 MORE_PAIRS = [*PAIRS, ("a woman reads a book on a bench outside", "nobody is reading")]
 
 
