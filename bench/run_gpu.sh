@@ -11,7 +11,8 @@
 # BUDGET_S (default 470: the suite stops starting steps so that it ends by then),
 # STEPS (which steps, in order; default all, most important first):
 #   classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen
-# plus, only when named: classify-smollm2-deq (classify-smollm2 with NLI_DEQUANTIZE=1),
+# plus, only when named: classify-smollm2-deq and classify-qwen-deq (with NLI_DEQUANTIZE=1: CUDA
+# graphs with adapters merged into the weights), graph-accuracy-deq (the same check, merged),
 # classify-smollm2-eager (NLI_CUDA_GRAPHS=0: the baseline of the CUDA-graph path),
 # graph-accuracy (graphed vs eager scores of the shipped adapter on dev rows 0-1,999), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
 # at batch 512, with a 2-step profile in the logs).
@@ -64,10 +65,10 @@ fi
 
 for name in $STEPS; do
   case $name in
-    classify-smollm2 | classify-qwen | classify-smollm2-deq | classify-smollm2-eager)
+    classify-smollm2 | classify-qwen | classify-smollm2-deq | classify-qwen-deq | classify-smollm2-eager)
       model=smollm2 budget=120 requests=300 swaps=5 extra=()
-      [[ $name == classify-qwen ]] && model=qwen2-1.5b budget=150 requests=150 swaps=3
-      [[ $name == classify-smollm2-deq ]] && extra=(--env NLI_DEQUANTIZE=1)
+      [[ $name == classify-qwen* ]] && model=qwen2-1.5b budget=150 requests=150 swaps=3
+      [[ $name == *-deq ]] && extra=(--env NLI_DEQUANTIZE=1)
       [[ $name == classify-smollm2-eager ]] && extra=(--env NLI_CUDA_GRAPHS=0)
       step "$name" $budget $PY -m bench.classify_latency --model $model --device cuda "${extra[@]}" \
         --data "$DATA/test.jsonl" --requests $requests --duration 6 --swaps $swaps \
@@ -89,8 +90,11 @@ for name in $STEPS; do
       step "$name" 150 $PY -m bench.train_throughput --model qwen2-1.5b --batch-size 128 \
         --low-memory --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
-    graph-accuracy)
-      step "$name" 90 $PY -m bench.graph_accuracy --data "$DATA/dev.jsonl" --out "$LOGS/$name.json"
+    graph-accuracy | graph-accuracy-deq)
+      extra=()
+      [[ $name == *-deq ]] && extra=(--dequantize)
+      step "$name" 90 $PY -m bench.graph_accuracy --data "$DATA/dev.jsonl" "${extra[@]}" \
+        --out "$LOGS/$name.json"
       ;;
     eval-smollm2)
       step "$name" 120 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \

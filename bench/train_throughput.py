@@ -12,9 +12,10 @@ Runs, each in its own process (clean peak-memory counters, no state carried over
   SmolLM2 run uses the shipped adapter's settings (``lora.r=16 lora.alpha=32
   train.learning_rate=4e-4 data.extra_train_from_dev=2000:``, batch 128); other models use the
   ``qwen2.5-1.5b-snli`` recipe (r=16, all linear layers) on the local SNLI files.
-- ``low-memory`` (``--low-memory``): the same with gradient checkpointing, batch 32 x 2
-  accumulation steps, and the allocator capped (``--memory-cap-gib``, default 5.5 GiB, so that
-  with the CUDA context the process fits in 6 GB); a run that does not fit fails with OOM.
+- ``low-memory`` (``--low-memory``): the same with the frozen base kept packed
+  (``model.dequantize_frozen=false``), gradient checkpointing, batch 32 x 2 accumulation steps,
+  and the allocator capped (``--memory-cap-gib``, default 5.5 GiB, so that with the CUDA context
+  the process fits in 6 GB); a run that does not fit fails with OOM.
 - ``naive`` (``--naive-baseline``): the naive recipe on the same 4-bit base: plain ``Trainer``
   on ``AutoModelForCausalLM`` + LoRA r=16 on all linear layers, full-vocabulary SFT loss on the
   prompt + answer text (labels = input ids), every example padded to ``--naive-max-length``,
@@ -231,7 +232,12 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
     ]
     if spec["low_memory"]:
         # The evaluation batch must fit the same budget (the recipe's 256-512 rows do not).
-        overrides += ["model.gradient_checkpointing=true", f"eval.batch_size={batch}"]
+        # The frozen base stays packed (4 bits a weight, not 16): training/README's 6 GB setting.
+        overrides += [
+            "model.dequantize_frozen=false",
+            "model.gradient_checkpointing=true",
+            f"eval.batch_size={batch}",
+        ]
     timer = make_step_timer(warmup, steps)
     callbacks = [timer]
     if spec.get("profile_steps"):
