@@ -10,6 +10,10 @@ through that thread.
   while no interactive request is waiting: interactive traffic always goes first.
 * Commands (attaching and detaching adapters) run on the same thread between two steps, so
   they never race a forward pass or PEFT's adapter state.
+* On a GPU, interactive batches are pipelined: the worker queues batch N+1 on the device
+  (encoding it and launching its forward) before it waits for batch N's results, so the device
+  does not idle while Python prepares the next batch. At most one batch waits in flight;
+  commands and evaluation slices run only when none does.
 * Forward passes never run on the event loop: interactive callers await an ``asyncio`` future
   that the worker resolves with ``call_soon_threadsafe``, once per step and loop.
 """
@@ -41,11 +45,24 @@ T = TypeVar("T")
 class Scorer(Protocol):
     """What the engine needs of ``nli.classifier.NLIClassifier``."""
 
+    @property
+    def launches_asynchronously(self) -> bool:
+        """True when ``launch_encoded`` returns before the device has finished (CUDA). Only
+        then are batches pipelined: on a CPU, launching does the work, and overlapping would
+        only delay the previous batch's answers."""
+        ...
+
     def encode(self, pairs: Sequence[Pair], adapter: str | None = None) -> list[list[int]]: ...
 
     def score_encoded(
         self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
     ) -> np.ndarray: ...
+
+    def launch_encoded(
+        self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
+    ) -> Callable[[], np.ndarray]:
+        """Queue the scoring on the device; the returned function waits for the result."""
+        ...
 
 
 class EvaluationCancelled(Exception):
@@ -60,6 +77,16 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     release: Callable[[], None] | None
     encoded: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """An interactive batch queued on the device, not yet delivered."""
+
+    requests: list[_Request]
+    ready: list[_Request]  # encoded and launched (the others are in failures)
+    failures: dict[_Request, BaseException]
+    collect: Callable[[], np.ndarray] | None  # None: launching failed
 
 
 @dataclass(eq=False)
@@ -185,24 +212,40 @@ class BatchEngine:
     # -- the worker -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        in_flight: _InFlight | None = None
         while True:
             with self._cond:
-                while not (
+                while in_flight is None and not (
                     self._commands or self._interactive or self._evaluation or self._stopping
                 ):
                     self._cond.wait()
-                if self._stopping and not self._interactive:
+                if in_flight is None and self._stopping and not self._interactive:
                     break
-                commands = list(self._commands)
-                self._commands.clear()
+                overlap = (
+                    in_flight is not None
+                    and self.scorer.launches_asynchronously
+                    and bool(self._interactive)
+                    and not self._commands
+                )
+                commands: list[tuple[Callable[[], Any], Any]] = []
+                if in_flight is None:
+                    commands = list(self._commands)
+                    self._commands.clear()
             try:
+                if in_flight is not None and not overlap:
+                    # Commands and evaluation never run while a batch is on the device.
+                    finished, in_flight = in_flight, None
+                    self._finish(finished)
+                    continue
                 if commands:
                     self._run_commands(commands)
                     continue
-                requests = self._take_requests()
-                if requests:
-                    self._score_requests(requests)
-                else:
+                requests = self._take_requests(wait=in_flight is None)
+                previous = in_flight
+                in_flight = self._launch(requests) if requests else None
+                if previous is not None:
+                    self._finish(previous)
+                elif not requests:
                     self._score_eval_slice()
             except Exception:  # a bug here must not kill the only worker
                 logger.exception("scoring worker step failed")
@@ -229,11 +272,13 @@ class BatchEngine:
             except BaseException as exc:  # handed to the caller
                 future.set_exception(exc)
 
-    def _take_requests(self) -> list[_Request]:
+    def _take_requests(self, *, wait: bool = True) -> list[_Request]:
+        """The next batch; ``wait``: under load, give it up to ``max_batch_wait_s`` to fill
+        (not while another batch is on the device: that one's run time is the wait)."""
         with self._cond:
             if not self._interactive:
                 return []
-            if self.max_batch_wait_s > 0 and self._last_step_requests > 1:
+            if wait and self.max_batch_wait_s > 0 and self._last_step_requests > 1:
                 deadline = time.monotonic() + self.max_batch_wait_s
                 while (
                     self._interactive_rows < self.max_batch_size
@@ -260,15 +305,38 @@ class BatchEngine:
         self._last_step_requests = len(taken)
         return taken
 
-    def _score_requests(self, requests: list[_Request]) -> None:
+    def _launch(self, requests: list[_Request]) -> _InFlight:
+        """Encode a batch and queue its forward on the device (results come with ``_finish``)."""
         failures: dict[_Request, BaseException] = {}
-        results: dict[_Request, list[list[float]]] = {}
+        ready: list[_Request] = []
+        collect = None
         try:
             ready = self._encode_requests(requests, failures)
             if ready:
-                self._forward_requests(ready, results, failures)
+                encoded = [ids for r in ready for ids in r.encoded]
+                adapters = [r.adapter for r in ready for _ in r.encoded]
+                collect = self.scorer.launch_encoded(encoded, adapters)
+        except Exception:  # _finish scores them again, one by one where needed
+            logger.debug("launching a batch of %d requests failed", len(ready), exc_info=True)
+        return _InFlight(requests, ready, failures, collect)
+
+    def _finish(self, batch: _InFlight) -> None:
+        """Wait for a launched batch and answer its requests."""
+        results: dict[_Request, list[list[float]]] = {}
+        failures = batch.failures
+        try:
+            if batch.ready:
+                try:
+                    if batch.collect is None:
+                        raise RuntimeError("launching the batch failed")
+                    probs = batch.collect()
+                except Exception:
+                    # Score again without the pipeline, isolating the request that fails.
+                    self._forward_requests(batch.ready, results, failures)
+                else:
+                    self._split(batch.ready, probs, results)
         finally:
-            self._deliver(requests, results, failures)
+            self._deliver(batch.requests, results, failures)
 
     def _encode_requests(
         self, requests: list[_Request], failures: dict[_Request, BaseException]
@@ -315,8 +383,17 @@ class BatchEngine:
                 self.metrics.oom_failures.inc()
             failures[requests[0]] = error
             return
+        self._split(requests, probs, results)
+
+    def _split(
+        self,
+        requests: list[_Request],
+        probs: np.ndarray,
+        results: dict[_Request, list[list[float]]],
+    ) -> None:
+        """Each request's rows of a batch's probabilities."""
         if self.metrics is not None:
-            self.metrics.batch_rows.labels("interactive").observe(len(encoded))
+            self.metrics.batch_rows.labels("interactive").observe(len(probs))
             self.metrics.batch_requests.observe(len(requests))
         rows = probs.tolist()
         start = 0

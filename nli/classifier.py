@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -380,6 +381,24 @@ class NLIClassifier:
         """Probabilities for already-encoded pairs; ``adapters`` names one adapter per row."""
         parts = self._score_on_device(encoded, adapters, progress=progress)
         return self._to_host(len(encoded), parts)
+
+    @property
+    def launches_asynchronously(self) -> bool:
+        """Whether ``launch_encoded`` returns before the device has finished (CUDA)."""
+        return self.device.type == "cuda"
+
+    def launch_encoded(
+        self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
+    ) -> Callable[[], np.ndarray]:
+        """Queue the scoring of already-encoded pairs on the device and return a function that
+        waits for it and gives what ``score_encoded`` gives.
+
+        Everything runs on one CUDA stream, so work queued later (the next batch, an adapter
+        swap) runs after this batch's: the service launches batch N+1 before it collects batch
+        N. On a CPU the scoring happens here and the function only copies the result.
+        """
+        parts = self._score_on_device(encoded, adapters, progress=None)
+        return functools.partial(self._to_host, len(encoded), parts)
 
     @torch.inference_mode()
     def _score_on_device(
