@@ -60,8 +60,20 @@ class Scorer(Protocol):
 
     def launch_encoded(
         self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
-    ) -> Callable[[], np.ndarray]:
-        """Queue the scoring on the device; the returned function waits for the result."""
+    ) -> Launched:
+        """Queue the scoring on the device."""
+        ...
+
+
+class Launched(Protocol):
+    """Scores queued on the device (``nli.classifier.LaunchedScores``)."""
+
+    def done(self) -> bool:
+        """True once the device has finished them."""
+        ...
+
+    def result(self) -> np.ndarray:
+        """Wait for them: ``[rows, 3]`` probabilities."""
         ...
 
 
@@ -86,7 +98,11 @@ class _InFlight:
     requests: list[_Request]
     ready: list[_Request]  # encoded and launched (the others are in failures)
     failures: dict[_Request, BaseException]
-    collect: Callable[[], np.ndarray] | None  # None: launching failed
+    scores: Launched | None  # None: launching failed
+    rows: int
+
+    def done(self) -> bool:
+        return self.scores is None or self.scores.done()
 
 
 @dataclass(eq=False)
@@ -221,6 +237,18 @@ class BatchEngine:
                     self._cond.wait()
                 if in_flight is None and self._stopping and not self._interactive:
                     break
+                if in_flight is not None and self.scorer.launches_asynchronously:
+                    # The next batch goes to the device once it has as many rows as the batch
+                    # there, or once that one is done: launching at once would split the
+                    # clients' requests into ever smaller batches.
+                    while (
+                        self._interactive
+                        and self._interactive_rows < in_flight.rows
+                        and not in_flight.done()
+                        and not self._commands
+                        and not self._stopping
+                    ):
+                        self._cond.wait(0.0005)
                 overlap = (
                     in_flight is not None
                     and self.scorer.launches_asynchronously
@@ -309,16 +337,18 @@ class BatchEngine:
         """Encode a batch and queue its forward on the device (results come with ``_finish``)."""
         failures: dict[_Request, BaseException] = {}
         ready: list[_Request] = []
-        collect = None
+        scores = None
+        rows = 0
         try:
             ready = self._encode_requests(requests, failures)
             if ready:
                 encoded = [ids for r in ready for ids in r.encoded]
                 adapters = [r.adapter for r in ready for _ in r.encoded]
-                collect = self.scorer.launch_encoded(encoded, adapters)
+                rows = len(encoded)
+                scores = self.scorer.launch_encoded(encoded, adapters)
         except Exception:  # _finish scores them again, one by one where needed
             logger.debug("launching a batch of %d requests failed", len(ready), exc_info=True)
-        return _InFlight(requests, ready, failures, collect)
+        return _InFlight(requests, ready, failures, scores, rows)
 
     def _finish(self, batch: _InFlight) -> None:
         """Wait for a launched batch and answer its requests."""
@@ -327,9 +357,9 @@ class BatchEngine:
         try:
             if batch.ready:
                 try:
-                    if batch.collect is None:
+                    if batch.scores is None:
                         raise RuntimeError("launching the batch failed")
-                    probs = batch.collect()
+                    probs = batch.scores.result()
                 except Exception:
                     # Score again without the pipeline, isolating the request that fails.
                     self._forward_requests(batch.ready, results, failures)

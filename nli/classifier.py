@@ -69,6 +69,22 @@ class LoadedAdapter:
     encoder: PairEncoder
 
 
+@dataclass
+class LaunchedScores:
+    """Scores queued on the device by ``NLIClassifier.launch_encoded``."""
+
+    collect: Callable[[], np.ndarray]
+    event: Any = None  # a torch.cuda.Event recorded after the work; None on a CPU
+
+    def done(self) -> bool:
+        """True once the device has finished (at once on a CPU)."""
+        return self.event is None or bool(self.event.query())
+
+    def result(self) -> np.ndarray:
+        """Wait for the device: probabilities ``[rows, 3]`` in input order."""
+        return self.collect()
+
+
 class NLIClassifier:
     """Scores (premise, hypothesis) pairs with the base model or any attached adapter.
 
@@ -389,16 +405,20 @@ class NLIClassifier:
 
     def launch_encoded(
         self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
-    ) -> Callable[[], np.ndarray]:
-        """Queue the scoring of already-encoded pairs on the device and return a function that
-        waits for it and gives what ``score_encoded`` gives.
+    ) -> LaunchedScores:
+        """Queue the scoring of already-encoded pairs on the device; ``result()`` waits for
+        it and gives what ``score_encoded`` gives.
 
         Everything runs on one CUDA stream, so work queued later (the next batch, an adapter
         swap) runs after this batch's: the service launches batch N+1 before it collects batch
-        N. On a CPU the scoring happens here and the function only copies the result.
+        N. On a CPU the scoring happens here and ``result()`` only copies it.
         """
         parts = self._score_on_device(encoded, adapters, progress=None)
-        return functools.partial(self._to_host, len(encoded), parts)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return LaunchedScores(functools.partial(self._to_host, len(encoded), parts), event)
 
     @torch.inference_mode()
     def _score_on_device(

@@ -15,6 +15,7 @@ import torch
 
 from app.engine import BatchEngine, EvaluationCancelled
 from app.errors import ResourceExhaustedError
+from nli.classifier import LaunchedScores
 from nli.errors import InputTooLongError, NotReadyError, QueueFullError
 
 Pair = tuple[str, str]
@@ -57,7 +58,7 @@ class FakeScorer:
 
     def launch_encoded(
         self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
-    ) -> Callable[[], np.ndarray]:
+    ) -> LaunchedScores:
         with self.lock:
             self.calls.append((len(encoded), list(adapters)))
             self.events.append(("launch", encoded[0][0]))
@@ -74,7 +75,7 @@ class FakeScorer:
                 raise RuntimeError("simulated device error")
             return self._probs(encoded, adapters)
 
-        return collect
+        return LaunchedScores(collect)
 
     @staticmethod
     def _probs(encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> np.ndarray:
