@@ -10,10 +10,6 @@ through that thread.
   while no interactive request is waiting: interactive traffic always goes first.
 * Commands (attaching and detaching adapters) run on the same thread between two steps, so
   they never race a forward pass or PEFT's adapter state.
-* On a GPU, interactive batches are pipelined: the worker queues batch N+1 on the device
-  (encoding it and launching its forward) before it waits for batch N's results, so the device
-  does not idle while Python prepares the next batch. At most one batch waits in flight;
-  commands and evaluation slices run only when none does.
 * Forward passes never run on the event loop: interactive callers await an ``asyncio`` future
   that the worker resolves with ``call_soon_threadsafe``, once per step and loop.
 """
@@ -45,36 +41,11 @@ T = TypeVar("T")
 class Scorer(Protocol):
     """What the engine needs of ``nli.classifier.NLIClassifier``."""
 
-    @property
-    def launches_asynchronously(self) -> bool:
-        """True when ``launch_encoded`` returns before the device has finished (CUDA). Only
-        then are batches pipelined: on a CPU, launching does the work, and overlapping would
-        only delay the previous batch's answers."""
-        ...
-
     def encode(self, pairs: Sequence[Pair], adapter: str | None = None) -> list[list[int]]: ...
 
     def score_encoded(
         self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
     ) -> np.ndarray: ...
-
-    def launch_encoded(
-        self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
-    ) -> Launched:
-        """Queue the scoring on the device."""
-        ...
-
-
-class Launched(Protocol):
-    """Scores queued on the device (``nli.classifier.LaunchedScores``)."""
-
-    def done(self) -> bool:
-        """True once the device has finished them."""
-        ...
-
-    def result(self) -> np.ndarray:
-        """Wait for them: ``[rows, 3]`` probabilities."""
-        ...
 
 
 class EvaluationCancelled(Exception):
@@ -89,20 +60,6 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     release: Callable[[], None] | None
     encoded: list[list[int]] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _InFlight:
-    """An interactive batch queued on the device, not yet delivered."""
-
-    requests: list[_Request]
-    ready: list[_Request]  # encoded and launched (the others are in failures)
-    failures: dict[_Request, BaseException]
-    scores: Launched | None  # None: launching failed
-    rows: int
-
-    def done(self) -> bool:
-        return self.scores is None or self.scores.done()
 
 
 @dataclass(eq=False)
@@ -228,52 +185,24 @@ class BatchEngine:
     # -- the worker -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        in_flight: _InFlight | None = None
         while True:
             with self._cond:
-                while in_flight is None and not (
+                while not (
                     self._commands or self._interactive or self._evaluation or self._stopping
                 ):
                     self._cond.wait()
-                if in_flight is None and self._stopping and not self._interactive:
+                if self._stopping and not self._interactive:
                     break
-                if in_flight is not None and self.scorer.launches_asynchronously:
-                    # The next batch goes to the device once it has as many rows as the batch
-                    # there, or once that one is done: launching at once would split the
-                    # clients' requests into ever smaller batches.
-                    while (
-                        self._interactive
-                        and self._interactive_rows < in_flight.rows
-                        and not in_flight.done()
-                        and not self._commands
-                        and not self._stopping
-                    ):
-                        self._cond.wait(0.0005)
-                overlap = (
-                    in_flight is not None
-                    and self.scorer.launches_asynchronously
-                    and bool(self._interactive)
-                    and not self._commands
-                )
-                commands: list[tuple[Callable[[], Any], Any]] = []
-                if in_flight is None:
-                    commands = list(self._commands)
-                    self._commands.clear()
+                commands = list(self._commands)
+                self._commands.clear()
             try:
-                if in_flight is not None and not overlap:
-                    # Commands and evaluation never run while a batch is on the device.
-                    finished, in_flight = in_flight, None
-                    self._finish(finished)
-                    continue
                 if commands:
                     self._run_commands(commands)
                     continue
-                requests = self._take_requests(wait=in_flight is None)
-                previous = in_flight
-                in_flight = self._launch(requests) if requests else None
-                if previous is not None:
-                    self._finish(previous)
-                elif not requests:
+                requests = self._take_requests()
+                if requests:
+                    self._score_requests(requests)
+                else:
                     self._score_eval_slice()
             except Exception:  # a bug here must not kill the only worker
                 logger.exception("scoring worker step failed")
@@ -300,13 +229,11 @@ class BatchEngine:
             except BaseException as exc:  # handed to the caller
                 future.set_exception(exc)
 
-    def _take_requests(self, *, wait: bool = True) -> list[_Request]:
-        """The next batch; ``wait``: under load, give it up to ``max_batch_wait_s`` to fill
-        (not while another batch is on the device: that one's run time is the wait)."""
+    def _take_requests(self) -> list[_Request]:
         with self._cond:
             if not self._interactive:
                 return []
-            if wait and self.max_batch_wait_s > 0 and self._last_step_requests > 1:
+            if self.max_batch_wait_s > 0 and self._last_step_requests > 1:
                 deadline = time.monotonic() + self.max_batch_wait_s
                 while (
                     self._interactive_rows < self.max_batch_size
@@ -333,40 +260,15 @@ class BatchEngine:
         self._last_step_requests = len(taken)
         return taken
 
-    def _launch(self, requests: list[_Request]) -> _InFlight:
-        """Encode a batch and queue its forward on the device (results come with ``_finish``)."""
+    def _score_requests(self, requests: list[_Request]) -> None:
         failures: dict[_Request, BaseException] = {}
-        ready: list[_Request] = []
-        scores = None
-        rows = 0
+        results: dict[_Request, list[list[float]]] = {}
         try:
             ready = self._encode_requests(requests, failures)
             if ready:
-                encoded = [ids for r in ready for ids in r.encoded]
-                adapters = [r.adapter for r in ready for _ in r.encoded]
-                rows = len(encoded)
-                scores = self.scorer.launch_encoded(encoded, adapters)
-        except Exception:  # _finish scores them again, one by one where needed
-            logger.debug("launching a batch of %d requests failed", len(ready), exc_info=True)
-        return _InFlight(requests, ready, failures, scores, rows)
-
-    def _finish(self, batch: _InFlight) -> None:
-        """Wait for a launched batch and answer its requests."""
-        results: dict[_Request, list[list[float]]] = {}
-        failures = batch.failures
-        try:
-            if batch.ready:
-                try:
-                    if batch.scores is None:
-                        raise RuntimeError("launching the batch failed")
-                    probs = batch.scores.result()
-                except Exception:
-                    # Score again without the pipeline, isolating the request that fails.
-                    self._forward_requests(batch.ready, results, failures)
-                else:
-                    self._split(batch.ready, probs, results)
+                self._forward_requests(ready, results, failures)
         finally:
-            self._deliver(batch.requests, results, failures)
+            self._deliver(requests, results, failures)
 
     def _encode_requests(
         self, requests: list[_Request], failures: dict[_Request, BaseException]
@@ -413,17 +315,8 @@ class BatchEngine:
                 self.metrics.oom_failures.inc()
             failures[requests[0]] = error
             return
-        self._split(requests, probs, results)
-
-    def _split(
-        self,
-        requests: list[_Request],
-        probs: np.ndarray,
-        results: dict[_Request, list[list[float]]],
-    ) -> None:
-        """Each request's rows of a batch's probabilities."""
         if self.metrics is not None:
-            self.metrics.batch_rows.labels("interactive").observe(len(probs))
+            self.metrics.batch_rows.labels("interactive").observe(len(encoded))
             self.metrics.batch_requests.observe(len(requests))
         rows = probs.tolist()
         start = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -67,22 +66,6 @@ class LoadedAdapter:
     path: Path
     manifest: AdapterManifest
     encoder: PairEncoder
-
-
-@dataclass
-class LaunchedScores:
-    """Scores queued on the device by ``NLIClassifier.launch_encoded``."""
-
-    collect: Callable[[], np.ndarray]
-    event: Any = None  # a torch.cuda.Event recorded after the work; None on a CPU
-
-    def done(self) -> bool:
-        """True once the device has finished (at once on a CPU)."""
-        return self.event is None or bool(self.event.query())
-
-    def result(self) -> np.ndarray:
-        """Wait for the device: probabilities ``[rows, 3]`` in input order."""
-        return self.collect()
 
 
 class NLIClassifier:
@@ -397,28 +380,6 @@ class NLIClassifier:
         """Probabilities for already-encoded pairs; ``adapters`` names one adapter per row."""
         parts = self._score_on_device(encoded, adapters, progress=progress)
         return self._to_host(len(encoded), parts)
-
-    @property
-    def launches_asynchronously(self) -> bool:
-        """Whether ``launch_encoded`` returns before the device has finished (CUDA)."""
-        return self.device.type == "cuda"
-
-    def launch_encoded(
-        self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
-    ) -> LaunchedScores:
-        """Queue the scoring of already-encoded pairs on the device; ``result()`` waits for
-        it and gives what ``score_encoded`` gives.
-
-        Everything runs on one CUDA stream, so work queued later (the next batch, an adapter
-        swap) runs after this batch's: the service launches batch N+1 before it collects batch
-        N. On a CPU the scoring happens here and ``result()`` only copies it.
-        """
-        parts = self._score_on_device(encoded, adapters, progress=None)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return LaunchedScores(functools.partial(self._to_host, len(encoded), parts), event)
 
     @torch.inference_mode()
     def _score_on_device(

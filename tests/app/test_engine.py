@@ -15,30 +15,19 @@ import torch
 
 from app.engine import BatchEngine, EvaluationCancelled
 from app.errors import ResourceExhaustedError
-from nli.classifier import LaunchedScores
 from nli.errors import InputTooLongError, NotReadyError, QueueFullError
 
 Pair = tuple[str, str]
 
 
 class FakeScorer:
-    """Encodes a pair as [its number]; scores row i as [number, adapter id, 0].
-
-    ``launch_encoded`` checks for out-of-memory at once, as allocations on a device do, and
-    waits ``delay`` (the device's work) only in the function that collects the result.
-    ``events`` logs ("launch" | "collect", first number of the batch) in order.
-    """
-
-    launches_asynchronously = True
+    """Encodes a pair as [its number]; scores row i as [number, adapter id, 0]."""
 
     def __init__(self, delay: float = 0.0, oom_over: int | None = None) -> None:
         self.delay = delay
         self.oom_over = oom_over
         self.calls: list[tuple[int, list[str | None]]] = []
-        self.events: list[tuple[str, int]] = []
         self.lock = threading.Lock()
-        self.on_launch: Callable[[int], None] | None = None
-        self.fail_collect: set[int] = set()  # batches starting with these numbers fail there
 
     def encode(self, pairs: Sequence[Pair], adapter: str | None = None) -> list[list[int]]:
         for _, hypothesis in pairs:
@@ -54,31 +43,6 @@ class FakeScorer:
         if self.oom_over is not None and any(seq[0] >= self.oom_over for seq in encoded):
             raise torch.OutOfMemoryError("simulated")
         time.sleep(self.delay)
-        return self._probs(encoded, adapters)
-
-    def launch_encoded(
-        self, encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]
-    ) -> LaunchedScores:
-        with self.lock:
-            self.calls.append((len(encoded), list(adapters)))
-            self.events.append(("launch", encoded[0][0]))
-        if self.oom_over is not None and any(seq[0] >= self.oom_over for seq in encoded):
-            raise torch.OutOfMemoryError("simulated")
-        if self.on_launch is not None:
-            self.on_launch(encoded[0][0])
-
-        def collect() -> np.ndarray:
-            time.sleep(self.delay)
-            with self.lock:
-                self.events.append(("collect", encoded[0][0]))
-            if encoded[0][0] in self.fail_collect:
-                raise RuntimeError("simulated device error")
-            return self._probs(encoded, adapters)
-
-        return LaunchedScores(collect)
-
-    @staticmethod
-    def _probs(encoded: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> np.ndarray:
         ids = {None: 0, "a": 1, "b": 2}
         return np.array([[seq[0], ids[a], 0] for seq, a in zip(encoded, adapters, strict=True)])
 
@@ -268,109 +232,3 @@ def test_stop_finishes_queued_requests_and_refuses_new_work(engine_factory: Fact
         engine.score_blocking(pairs(1), None)
     with pytest.raises(NotReadyError):
         engine.run_exclusive(lambda: None).result(1)
-
-
-def test_the_next_batch_is_launched_before_the_previous_one_is_collected(
-    engine_factory: Factory,
-) -> None:
-    scorer = FakeScorer(delay=0.05)
-    engine = engine_factory(scorer, max_batch_size=64)
-    loop_box: dict[str, asyncio.AbstractEventLoop] = {}
-    later: list[asyncio.Future[list[list[float]]]] = []
-
-    def on_launch(first: int) -> None:
-        if first == 1:  # batch 1 is on the "device": batch 2 arrives meanwhile
-            done = threading.Event()
-
-            def submit_second() -> None:
-                later.append(engine.submit(pairs(2), "a"))
-                done.set()
-
-            loop_box["loop"].call_soon_threadsafe(submit_second)
-            assert done.wait(5)
-
-    scorer.on_launch = on_launch
-
-    async def main() -> list[object]:
-        loop_box["loop"] = asyncio.get_running_loop()
-        first = engine.submit(pairs(1), None)
-        got_first = await first
-        while not later:
-            await asyncio.sleep(0.001)
-        return [got_first, await later[0]]
-
-    first, second = asyncio.run(main())
-    assert first == [[1, 0, 0]] and second == [[2, 1, 0]]
-    # Batch 2 went to the device while batch 1 was still there.
-    assert scorer.events == [("launch", 1), ("launch", 2), ("collect", 1), ("collect", 2)]
-
-
-def test_a_batch_that_fails_on_the_device_is_scored_again_one_by_one(
-    engine_factory: Factory,
-) -> None:
-    scorer = FakeScorer()
-    scorer.fail_collect = {1}
-    engine = engine_factory(scorer)
-    gate = threading.Event()
-    engine.run_exclusive(lambda: gate.wait(10))
-
-    async def main() -> list[object]:
-        futures = [engine.submit(pairs(n), "b") for n in (1, 2, 3)]
-        gate.set()
-        return list(await asyncio.gather(*futures, return_exceptions=True))
-
-    assert asyncio.run(main()) == [[[1, 2, 0]], [[2, 2, 0]], [[3, 2, 0]]]
-    # One launched batch of three, then the synchronous retry of the same three rows.
-    assert scorer.calls == [(3, ["b", "b", "b"]), (3, ["b", "b", "b"])]
-
-
-def test_commands_wait_for_the_batch_on_the_device(engine_factory: Factory) -> None:
-    scorer = FakeScorer(delay=0.05)
-    engine = engine_factory(scorer)
-    command_box: list[object] = []
-
-    def on_launch(first: int) -> None:
-        command_box.append(engine.run_exclusive(lambda: scorer.events.append(("command", 0))))
-
-    scorer.on_launch = on_launch
-
-    async def main() -> object:
-        return await engine.submit(pairs(7), None)
-
-    assert asyncio.run(main()) == [[7, 0, 0]]
-    command_box[0].result(5)  # type: ignore[attr-defined]
-    assert scorer.events == [("launch", 7), ("collect", 7), ("command", 0)]
-
-
-def test_a_synchronous_scorer_answers_each_batch_before_launching_the_next(
-    engine_factory: Factory,
-) -> None:
-    """On a CPU, launching does the work: overlapping would only delay the earlier answers."""
-    scorer = FakeScorer()
-    scorer.launches_asynchronously = False
-    engine = engine_factory(scorer)
-    loop_box: dict[str, asyncio.AbstractEventLoop] = {}
-    later: list[asyncio.Future[list[list[float]]]] = []
-
-    def on_launch(first: int) -> None:
-        if first == 1:
-            done = threading.Event()
-
-            def submit_second() -> None:
-                later.append(engine.submit(pairs(2), None))
-                done.set()
-
-            loop_box["loop"].call_soon_threadsafe(submit_second)
-            assert done.wait(5)
-
-    scorer.on_launch = on_launch
-
-    async def main() -> None:
-        loop_box["loop"] = asyncio.get_running_loop()
-        await engine.submit(pairs(1), None)
-        while not later:
-            await asyncio.sleep(0.001)
-        await later[0]
-
-    asyncio.run(main())
-    assert scorer.events == [("launch", 1), ("collect", 1), ("launch", 2), ("collect", 2)]
