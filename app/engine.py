@@ -82,7 +82,7 @@ class BatchEngine:
         scorer: Scorer,
         *,
         max_batch_size: int = 64,
-        max_batch_wait_s: float = 0.002,
+        max_batch_wait_s: float = 0.0,
         max_queue: int = 1024,
         eval_batch_size: int | None = None,
         metrics: Metrics | None = None,

@@ -83,7 +83,14 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(64, ge=1, le=4096, description="Rows per forward pass.")
     max_batch_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long a batch may wait for more requests under load."
+        0.0,
+        ge=0,
+        le=1000,
+        description=(
+            "How long a batch may wait for more requests under load. 0: take what is queued "
+            "(requests queue up during each forward anyway; 2 ms cost 64 clients 10-15% of "
+            "their requests/s on an H100, BENCHMARKS.md)."
+        ),
     )
     max_pairs_per_request: int = Field(1024, ge=1, le=100_000)
     max_text_chars: int = Field(2000, ge=1, le=1_000_000, description="Per premise/hypothesis.")
