@@ -61,7 +61,8 @@ class Settings(BaseSettings):
         False,
         description=(
             "Hold the NF4 weights expanded in the compute dtype: the same quantized values, "
-            "about 4x the base's memory, less work per request (small bases, batch-1 latency)."
+            "about 4x the base's memory, less work per request (small bases, batch-1 latency); "
+            "on CUDA the graphs then read adapters merged into a copy of the weights."
         ),
     )
     cuda_graphs: bool = Field(
