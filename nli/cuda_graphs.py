@@ -168,7 +168,24 @@ class _SharedDown:
         self.input = self.product = None
 
 
-class LoraSlot:
+class _Slot:
+    """What both slots share: the linear layers the graphs read through them, the adapter they
+    hold, and where those layers' weights were when the slot was made."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear]) -> None:
+        self.modules = modules
+        self.holds: str | None = None  # the adapter the slot holds (None: the bare base)
+        self._addresses = self._weight_addresses()
+
+    def _weight_addresses(self) -> list[int]:
+        return [m.weight.data_ptr() for m in self.modules.values()]
+
+    def weights_moved(self) -> bool:
+        """True when a module's weight is no longer where the graphs recorded it."""
+        return self._weight_addresses() != self._addresses
+
+
+class LoraSlot(_Slot):
     """Rank-``rank`` float32 LoRA weights beside each of ``modules``; see the module docstring.
 
     ``groups``: lists of modules that read the same input, whose ``A`` share one buffer and one
@@ -182,7 +199,7 @@ class LoraSlot:
         device: torch.device,
         groups: Sequence[Sequence[str]] | None = None,
     ) -> None:
-        self.modules = modules
+        super().__init__(modules)
         self.rank = rank
         self.groups = [list(g) for g in (input_groups(modules) if groups is None else groups)]
         self._shared: dict[str, tuple[_SharedDown, int]] = {}  # member -> its group, its index
@@ -200,8 +217,6 @@ class LoraSlot:
             name: torch.zeros(m.out_features, rank, dtype=torch.float32, device=device)
             for name, m in modules.items()
         }
-        self.holds: str | None = None  # the adapter whose weights the slot holds (None: zeros)
-        self._addresses = self._weight_addresses()
 
     def _share(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """One concatenated A buffer ``[len(names) * rank, in]`` for a group of modules: each
@@ -216,13 +231,6 @@ class LoraSlot:
             self._shared[name] = (shared, index)
             views[name] = a[index * self.rank : (index + 1) * self.rank]
         return views
-
-    def _weight_addresses(self) -> list[int]:
-        return [m.weight.data_ptr() for m in self.modules.values()]
-
-    def weights_moved(self) -> bool:
-        """True when a module's weight is no longer where the graphs recorded it."""
-        return self._weight_addresses() != self._addresses
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
@@ -276,32 +284,23 @@ class LoraSlot:
         self.holds = adapter
 
 
-class MergedSlot:
+class MergedSlot(_Slot):
     """A copy of each of ``modules``' weights holding ``W + scaling * B @ A`` of one adapter (the
     plain ``W`` for the bare base); see the module docstring. Floating-point weights only."""
 
     def __init__(self, modules: dict[str, torch.nn.Linear]) -> None:
         if not self.supports(modules):
             raise ValueError("a merged slot needs floating-point linear layers")
-        self.modules = modules
+        super().__init__(modules)
         with torch.no_grad():
             self.weights = {name: m.weight.detach().clone() for name, m in modules.items()}
-        self.holds: str | None = None
         self._changed: set[str] = set()  # copies that differ from the base weight now
-        self._addresses = self._weight_addresses()
 
     @staticmethod
     def supports(modules: dict[str, torch.nn.Linear]) -> bool:
         return bool(modules) and all(
             not _is_bnb(m) and m.weight.dtype.is_floating_point for m in modules.values()
         )
-
-    def _weight_addresses(self) -> list[int]:
-        return [m.weight.data_ptr() for m in self.modules.values()]
-
-    def weights_moved(self) -> bool:
-        """True when a module's weight is no longer where the copies were taken from."""
-        return self._weight_addresses() != self._addresses
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:

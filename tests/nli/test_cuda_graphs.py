@@ -26,7 +26,7 @@ from nli.cuda_graphs import (
     slot_modules,
 )
 from nli.loading import LoadedBase, load_base_model
-from tests.nli.test_fast_attach import PAIRS, make_adapter
+from tests.nli.test_fast_attach import PAIRS
 
 # End to end, the slot path runs whole prompts without a mask while the ordinary path uses the
 # prefix cache and a padding mask: the same tolerance as tests/nli/test_fast_scoring.py. The slot's
@@ -34,20 +34,6 @@ from tests.nli.test_fast_attach import PAIRS, make_adapter
 ATOL = 2e-3
 SETTINGS = GraphSettings(max_batch=4, max_length=128, length_step=16, lora_rank=8, merge=False)
 MORE_PAIRS = [*PAIRS, ("a woman reads a book on a bench outside", "nobody is reading")]
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("graph-adapters")
-    specs: dict[str, dict[str, Any]] = {
-        "first": dict(seed=11),
-        "second": dict(seed=12, r=8),
-        "attention": dict(seed=13, target_modules=["q_proj", "v_proj"]),
-        "rslora-bf16": dict(seed=14, r=8, use_rslora=True, dtype=torch.bfloat16),
-        "rank16": dict(seed=15, r=16),
-        "dora": dict(seed=16, use_dora=True),
-    }
-    return {name: make_adapter(tiny_model_dir, root / name, **spec) for name, spec in specs.items()}
 
 
 def eager_graphs(classifier: NLIClassifier) -> SmallBatchGraphs:
@@ -87,12 +73,12 @@ def test_buckets() -> None:
 
 
 def test_slot_scores_as_peft_across_swaps(
-    classifier: NLIClassifier, adapters: dict[str, Path]
+    classifier: NLIClassifier, graph_adapters: dict[str, Path]
 ) -> None:
     graphs = classifier.graphs
     assert graphs is not None
     for name in ("first", "second", "attention", "rslora-bf16"):
-        classifier.attach_adapter(adapters[name], name=name)
+        classifier.attach_adapter(graph_adapters[name], name=name)
     calls = {"n": 0}
     original = graphs.score
 
@@ -124,15 +110,15 @@ def test_slot_scores_as_peft_across_swaps(
 @pytest.mark.parametrize("dequantize", [False, True], ids=["nf4", "dequantized"])
 @pytest.mark.parametrize("name", ["second", "attention", "rslora-bf16"])
 def test_slot_layer_output_equals_peft_lora_layer(
-    tiny_model_dir: Path, adapters: dict[str, Path], name: str, dequantize: bool
+    tiny_model_dir: Path, graph_adapters: dict[str, Path], name: str, dequantize: bool
 ) -> None:
     """Layer by layer, base layer + slot hook == PEFT's LoRA layer (bitsandbytes' LoRA layer on
     NF4, PEFT's plain Linear on the dequantized base): bit for bit when alpha / r = 2."""
     base = load_base_model(str(tiny_model_dir), device="cpu", dequantize=dequantize)
     classifier = NLIClassifier(base, max_batch_size=4)
     eager_graphs(classifier)
-    classifier.attach_adapter(adapters["first"], name="first")
-    classifier.attach_adapter(adapters[name], name=name)
+    classifier.attach_adapter(graph_adapters["first"], name="first")
+    classifier.attach_adapter(graph_adapters[name], name=name)
     classifier.score_pairs(PAIRS[:1], name)  # loads the slot with the adapter
     graphs = classifier.graphs
     assert graphs is not None and graphs._slot is not None and graphs._slot.holds == name
@@ -161,12 +147,12 @@ def test_slot_layer_output_equals_peft_lora_layer(
 
 
 def test_adapters_the_slot_cannot_hold_run_eagerly(
-    classifier: NLIClassifier, adapters: dict[str, Path]
+    classifier: NLIClassifier, graph_adapters: dict[str, Path]
 ) -> None:
     graphs = classifier.graphs
     assert graphs is not None
     for name in ("rank16", "dora", "first"):
-        classifier.attach_adapter(adapters[name], name=name)
+        classifier.attach_adapter(graph_adapters[name], name=name)
     for name in ("rank16", "dora", "first"):
         got = classifier.score_pairs(PAIRS, name)
         np.testing.assert_allclose(got, reference(classifier, PAIRS, name), atol=ATOL, err_msg=name)
@@ -176,12 +162,12 @@ def test_adapters_the_slot_cannot_hold_run_eagerly(
 
 
 def test_reattached_name_scores_with_the_new_weights(
-    classifier: NLIClassifier, adapters: dict[str, Path]
+    classifier: NLIClassifier, graph_adapters: dict[str, Path]
 ) -> None:
-    classifier.attach_adapter(adapters["first"], name="x")
+    classifier.attach_adapter(graph_adapters["first"], name="x")
     first = classifier.score_pairs(PAIRS, "x")
     classifier.detach_adapter("x")
-    classifier.attach_adapter(adapters["second"], name="x")
+    classifier.attach_adapter(graph_adapters["second"], name="x")
     second = classifier.score_pairs(PAIRS, "x")
     np.testing.assert_allclose(second, reference(classifier, PAIRS, "x"), atol=ATOL)
     assert not np.allclose(first, second, atol=1e-3)
@@ -193,11 +179,11 @@ def test_reattached_name_scores_with_the_new_weights(
 
 
 def test_mixed_and_large_batches_run_eagerly(
-    classifier: NLIClassifier, adapters: dict[str, Path]
+    classifier: NLIClassifier, graph_adapters: dict[str, Path]
 ) -> None:
     graphs = classifier.graphs
     assert graphs is not None
-    classifier.attach_adapter(adapters["first"], name="first")
+    classifier.attach_adapter(graph_adapters["first"], name="first")
     encoded = [classifier.encode([pair], "first")[0] for pair in MORE_PAIRS]
     rows: list[str | None] = ["first", None, "first", None]
     before = graphs.recorded
@@ -211,7 +197,7 @@ def test_mixed_and_large_batches_run_eagerly(
 
 
 def test_a_failed_recording_falls_back_to_eager_scoring_for_good(
-    classifier: NLIClassifier, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    classifier: NLIClassifier, graph_adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     graphs = SmallBatchGraphs(classifier.device, SETTINGS, record=True)
     classifier.graphs = graphs
@@ -222,7 +208,7 @@ def test_a_failed_recording_falls_back_to_eager_scoring_for_good(
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(graphs, "_record", failing_record)
-    classifier.attach_adapter(adapters["first"], name="first")
+    classifier.attach_adapter(graph_adapters["first"], name="first")
     for _ in range(3):
         got = classifier.score_pairs(PAIRS, "first")
         np.testing.assert_allclose(got, reference(classifier, PAIRS, "first"), atol=1e-6)
@@ -232,7 +218,7 @@ def test_a_failed_recording_falls_back_to_eager_scoring_for_good(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="records real CUDA graphs")
-def test_recorded_graphs_on_cuda(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+def test_recorded_graphs_on_cuda(tiny_model_dir: Path, graph_adapters: dict[str, Path]) -> None:
     base = load_base_model(str(tiny_model_dir), device="cuda")
     classifier = NLIClassifier(base, max_batch_size=4, cuda_graphs=True, graph_settings=SETTINGS)
     graphs = classifier.graphs
@@ -240,7 +226,7 @@ def test_recorded_graphs_on_cuda(tiny_model_dir: Path, adapters: dict[str, Path]
     for rows, length in SETTINGS.buckets(64):  # as the service does once ready
         assert classifier.record_graph(rows, length)
     for name in ("first", "second", "attention"):
-        classifier.attach_adapter(adapters[name], name=name)
+        classifier.attach_adapter(graph_adapters[name], name=name)
     order = [None, "first", "second", "attention", "first", None]
     for round_ in range(2):
         for adapter in order:
@@ -255,13 +241,13 @@ def test_recorded_graphs_on_cuda(tiny_model_dir: Path, adapters: dict[str, Path]
 
 
 def slot_with_adapter(
-    tiny_model_dir: Path, adapters: dict[str, Path], *, dequantize: bool = True
+    tiny_model_dir: Path, graph_adapters: dict[str, Path], *, dequantize: bool = True
 ) -> tuple[NLIClassifier, Any, dict[str, Any]]:
     """A classifier holding the adapter ``second`` (alpha / r = 2: the slot is exact), its
     decoder and PEFT's LoRA layers in it."""
     base = load_base_model(str(tiny_model_dir), device="cpu", dequantize=dequantize)
     classifier = NLIClassifier(base, max_batch_size=4)
-    classifier.attach_adapter(adapters["second"], name="second")
+    classifier.attach_adapter(graph_adapters["second"], name="second")
     decoder = classifier.model.get_base_model().get_decoder()
     layers = lora_layers(decoder)
     for layer in layers.values():
@@ -305,12 +291,12 @@ def test_q_k_v_and_gate_up_share_one_a_buffer(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("dequantize", [False, True], ids=["nf4", "dequantized"])
 def test_fused_slot_layer_outputs_equal_unfused_and_peft(
-    tiny_model_dir: Path, adapters: dict[str, Path], dequantize: bool, dtype: torch.dtype
+    tiny_model_dir: Path, graph_adapters: dict[str, Path], dequantize: bool, dtype: torch.dtype
 ) -> None:
     """q/k/v (and gate/up) called on one input, as the decoder does, take their ``x @ A^T`` from
     the group's one matmul: the layer outputs are PEFT's. In bf16, bit for bit (as the unfused
     slot is), which also pins the order of add and cast; in fp32, up to matmul rounding."""
-    _, decoder, layers = slot_with_adapter(tiny_model_dir, adapters, dequantize=dequantize)
+    _, decoder, layers = slot_with_adapter(tiny_model_dir, graph_adapters, dequantize=dequantize)
     fused = loaded_slot(decoder, layers)
     unfused = loaded_slot(decoder, layers, groups=[])
     assert len(fused.groups) == 2 * len(decoder.layers)
@@ -337,9 +323,9 @@ def test_fused_slot_layer_outputs_equal_unfused_and_peft(
 
 
 def test_a_member_whose_input_is_not_the_groups_computes_its_own_term(
-    tiny_model_dir: Path, adapters: dict[str, Path]
+    tiny_model_dir: Path, graph_adapters: dict[str, Path]
 ) -> None:
-    _, decoder, layers = slot_with_adapter(tiny_model_dir, adapters)
+    _, decoder, layers = slot_with_adapter(tiny_model_dir, graph_adapters)
     slot = loaded_slot(decoder, layers)
     q, k, v = next(names for names in slot.groups if len(names) == 3)
     torch.manual_seed(0)
@@ -369,9 +355,9 @@ def count_ops(slot: LoraSlot, decoder: Any, ids: torch.Tensor) -> tuple[torch.Te
 
 
 def test_fused_decoder_runs_fewer_matmuls_and_a_wrong_group_is_harmless(
-    tiny_model_dir: Path, adapters: dict[str, Path]
+    tiny_model_dir: Path, graph_adapters: dict[str, Path]
 ) -> None:
-    classifier, decoder, layers = slot_with_adapter(tiny_model_dir, adapters)
+    classifier, decoder, layers = slot_with_adapter(tiny_model_dir, graph_adapters)
     fused = loaded_slot(decoder, layers)
     unfused = loaded_slot(decoder, layers, groups=[])
     # o_proj reads the attention's output, not q's input: the guess is wrong at run time.
@@ -395,7 +381,7 @@ def test_fused_decoder_runs_fewer_matmuls_and_a_wrong_group_is_harmless(
 
 
 def test_graphs_recorded_ahead_of_traffic_serve_later_batches(
-    classifier: NLIClassifier, adapters: dict[str, Path]
+    classifier: NLIClassifier, graph_adapters: dict[str, Path]
 ) -> None:
     graphs = classifier.graphs
     assert graphs is not None
@@ -410,7 +396,7 @@ def test_graphs_recorded_ahead_of_traffic_serve_later_batches(
     assert not classifier.record_graph(1, SETTINGS.max_length + 1)  # too long
     assert len(graphs.recorded) == len({*before, *SETTINGS.buckets(40)})
     # The pad-filled recordings leave nothing behind: adapters and the base score as before.
-    classifier.attach_adapter(adapters["first"], name="first")
+    classifier.attach_adapter(graph_adapters["first"], name="first")
     for adapter in ("first", None):
         got = classifier.score_pairs(PAIRS, adapter)
         np.testing.assert_allclose(got, reference(classifier, PAIRS, adapter), atol=ATOL)

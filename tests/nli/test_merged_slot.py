@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -28,26 +27,12 @@ from nli.cuda_graphs import (
 )
 from nli.loading import load_base_model
 from tests.nli.test_cuda_graphs import MORE_PAIRS, reference
-from tests.nli.test_fast_attach import PAIRS, make_adapter
+from tests.nli.test_fast_attach import PAIRS
 
 SETTINGS = GraphSettings(max_batch=4, max_length=128, length_step=16, lora_rank=8)
 # End to end: the merged bf16 weights round W + scaling * B @ A once more than PEFT's unmerged
 # layers do, on top of the mask / prefix-cache differences that the LoRA slot's tests allow 2e-3.
 ATOL = 5e-3
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("merged-adapters")
-    specs: dict[str, dict[str, Any]] = {
-        "first": dict(seed=21),
-        "second": dict(seed=22, r=8),
-        "attention": dict(seed=23, target_modules=["q_proj", "v_proj"]),
-        "rank16": dict(seed=24, r=16),  # above SETTINGS.lora_rank: only the merged slot holds it
-        "rslora-bf16": dict(seed=25, r=8, use_rslora=True, dtype=torch.bfloat16),
-        "dora": dict(seed=26, use_dora=True),
-    }
-    return {name: make_adapter(tiny_model_dir, root / name, **spec) for name, spec in specs.items()}
 
 
 @pytest.fixture(params=["dequantized", "unquantized"])
@@ -72,12 +57,12 @@ def slot_of(classifier: NLIClassifier) -> MergedSlot:
 
 
 def test_merged_slot_scores_as_peft_across_swaps(
-    classifier: NLIClassifier, adapters: dict[str, Path]
+    classifier: NLIClassifier, graph_adapters: dict[str, Path]
 ) -> None:
     graphs = classifier.graphs
     assert graphs is not None
     for name in ("first", "second", "attention", "rank16", "rslora-bf16"):
-        classifier.attach_adapter(adapters[name], name=name)
+        classifier.attach_adapter(graph_adapters[name], name=name)
     order = [None, "first", "rank16", "first", "attention", None, "rslora-bf16", "second"]
     recorded: list[tuple[int, int]] = []
     for round_ in range(2):
@@ -98,10 +83,10 @@ def test_merged_slot_scores_as_peft_across_swaps(
 
 
 def test_merged_weights_are_the_lora_update_and_the_base_comes_back_exactly(
-    classifier: NLIClassifier, adapters: dict[str, Path]
+    classifier: NLIClassifier, graph_adapters: dict[str, Path]
 ) -> None:
-    classifier.attach_adapter(adapters["attention"], name="attention")
-    classifier.attach_adapter(adapters["first"], name="first")
+    classifier.attach_adapter(graph_adapters["attention"], name="attention")
+    classifier.attach_adapter(graph_adapters["first"], name="first")
     slot = slot_of(classifier)
     layers = lora_layers(classifier.model.get_base_model().get_decoder())  # by slot name
     for adapter in ("first", "attention", None, "first"):
@@ -134,19 +119,19 @@ def test_hooked_swaps_weights_only_inside_the_block(classifier: NLIClassifier) -
 
 
 def test_dora_runs_eagerly_and_a_reattached_name_takes_its_new_weights(
-    classifier: NLIClassifier, adapters: dict[str, Path]
+    classifier: NLIClassifier, graph_adapters: dict[str, Path]
 ) -> None:
     graphs = classifier.graphs
     assert graphs is not None
-    classifier.attach_adapter(adapters["dora"], name="dora")
+    classifier.attach_adapter(graph_adapters["dora"], name="dora")
     np.testing.assert_allclose(
         classifier.score_pairs(PAIRS, "dora"), reference(classifier, PAIRS, "dora"), atol=1e-6
     )
     assert "not plain LoRA" in graphs._unfit["dora"]
-    classifier.attach_adapter(adapters["first"], name="x")
+    classifier.attach_adapter(graph_adapters["first"], name="x")
     first = classifier.score_pairs(PAIRS, "x")
     classifier.detach_adapter("x")
-    classifier.attach_adapter(adapters["second"], name="x")
+    classifier.attach_adapter(graph_adapters["second"], name="x")
     second = classifier.score_pairs(PAIRS, "x")
     np.testing.assert_allclose(second, reference(classifier, PAIRS, "x"), atol=ATOL)
     assert not np.allclose(first, second, atol=1e-3)
@@ -166,7 +151,9 @@ def test_packed_nf4_and_a_merge_flag_off_keep_the_lora_slot(tiny_model_dir: Path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="records real CUDA graphs")
-def test_recorded_merged_graphs_on_cuda(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+def test_recorded_merged_graphs_on_cuda(
+    tiny_model_dir: Path, graph_adapters: dict[str, Path]
+) -> None:
     base = load_base_model(str(tiny_model_dir), device="cuda", dequantize=True)
     classifier = NLIClassifier(base, max_batch_size=4, cuda_graphs=True, graph_settings=SETTINGS)
     graphs = classifier.graphs
@@ -175,7 +162,7 @@ def test_recorded_merged_graphs_on_cuda(tiny_model_dir: Path, adapters: dict[str
         assert classifier.record_graph(rows, length)
     assert isinstance(graphs._slot, MergedSlot)
     for name in ("first", "rank16", "attention"):
-        classifier.attach_adapter(adapters[name], name=name)
+        classifier.attach_adapter(graph_adapters[name], name=name)
     recorded = graphs.recorded
     for adapter in [None, "first", "rank16", "attention", "first", None]:
         for pairs in (PAIRS[:1], MORE_PAIRS):
