@@ -10,9 +10,10 @@
 # Environment: OUT (required; what comes back), DATA (SNLI folder, default .gpu/data),
 # BUDGET_S (default 470: the suite stops starting steps so that it ends by then),
 # STEPS (which steps, in order; default all, most important first):
-#   classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen
-# plus, only when named: classify-smollm2-deq and classify-qwen-deq (with NLI_DEQUANTIZE=1: CUDA
-# graphs with adapters merged into the weights), graph-accuracy-deq (the same check, merged),
+#   classify-smollm2-deq classify-qwen-deq train-smollm2 train-qwen eval-smollm2 eval-qwen
+# (the -deq steps serve with NLI_DEQUANTIZE=1, as `docker compose` does: CUDA graphs with the
+# adapter merged into the weights), plus, only when named: classify-smollm2 and classify-qwen
+# (the weights packed, the library default), graph-accuracy-deq (graphed vs eager, merged),
 # classify-smollm2-eager (NLI_CUDA_GRAPHS=0: the baseline of the CUDA-graph path),
 # graph-accuracy (graphed vs eager scores of the shipped adapter on dev rows 0-1,999), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
 # at batch 512, with a 2-step profile in the logs).
@@ -25,7 +26,7 @@ set -uo pipefail
 : "${OUT:?set OUT}"
 DATA=${DATA:-.gpu/data}
 BUDGET_S=${BUDGET_S:-470}
-STEPS=${STEPS:-classify-smollm2 classify-qwen train-smollm2 train-qwen eval-smollm2 eval-qwen}
+STEPS=${STEPS:-classify-smollm2-deq classify-qwen-deq train-smollm2 train-qwen eval-smollm2 eval-qwen}
 PY=${PYTHON:-python3}
 export NLI_SNLI_DIR=${NLI_SNLI_DIR:-$PWD/$DATA}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
