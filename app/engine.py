@@ -234,6 +234,7 @@ class BatchEngine:
             if not self._interactive:
                 return []
             if self.max_batch_wait_s > 0 and self._last_step_requests > 1:
+                waited_from = time.perf_counter()
                 deadline = time.monotonic() + self.max_batch_wait_s
                 while (
                     self._interactive_rows < self.max_batch_size
@@ -244,6 +245,7 @@ class BatchEngine:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
+                self._spent("batch_wait", time.perf_counter() - waited_from)
             taken: list[_Request] = []
             rows = 0
             while self._interactive and (not taken or rows < self.max_batch_size):
@@ -263,12 +265,22 @@ class BatchEngine:
     def _score_requests(self, requests: list[_Request]) -> None:
         failures: dict[_Request, BaseException] = {}
         results: dict[_Request, list[list[float]]] = {}
+        started = time.perf_counter()
         try:
             ready = self._encode_requests(requests, failures)
+            encoded = time.perf_counter()
+            self._spent("encode", encoded - started)
             if ready:
                 self._forward_requests(ready, results, failures)
+                self._spent("forward", time.perf_counter() - encoded)
         finally:
+            delivering = time.perf_counter()
             self._deliver(requests, results, failures)
+            self._spent("deliver", time.perf_counter() - delivering)
+
+    def _spent(self, phase: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.engine_seconds.labels(phase).inc(seconds)
 
     def _encode_requests(
         self, requests: list[_Request], failures: dict[_Request, BaseException]

@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 UNMATCHED_ROUTE = "<unmatched>"
+ENGINE_PHASES = ("batch_wait", "encode", "forward", "deliver")
 
 
 class Metrics:
@@ -60,6 +61,14 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.engine_seconds = Counter(
+            "nli_engine_seconds",
+            "Scoring worker time in its interactive steps, by phase: batch_wait (for a fuller "
+            "batch), encode (tokenising), forward (scoring, waiting for the device included), "
+            "deliver (handing the results to the event loop)",
+            ["phase"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "nli_queue_depth", "Work items waiting to be scored", ["priority"], registry=r
         )
@@ -79,6 +88,8 @@ class Metrics:
         )
         for priority in ("interactive", "evaluation"):
             self.queue_depth.labels(priority).set(0)
+        for phase in ENGINE_PHASES:
+            self.engine_seconds.labels(phase)
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -178,8 +179,13 @@ def stop_server(process: Any, timeout: float = 60.0) -> int | str:
     return int(process.returncode)
 
 
-def batch_counters(url: str) -> tuple[float, float] | None:
-    """(forward passes, requests scored) so far, from ``/metrics``; None if unavailable."""
+_PASSES, _REQUESTS = "nli_batch_requests_count", "nli_batch_requests_sum"
+_PHASE = re.compile(r'nli_engine_seconds_total\{phase="(\w+)"\}')
+
+
+def batch_counters(url: str) -> dict[str, float] | None:
+    """Forward passes, requests scored and the worker's seconds by phase
+    (``nli_engine_seconds``) so far, from ``/metrics``; None if unavailable."""
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -187,23 +193,31 @@ def batch_counters(url: str) -> tuple[float, float] | None:
     values: dict[str, float] = {}
     for line in text.splitlines():
         name, _, rest = line.partition(" ")
-        if name in ("nli_batch_requests_count", "nli_batch_requests_sum"):
+        phase = _PHASE.fullmatch(name)
+        if name in (_PASSES, _REQUESTS):
             values[name] = float(rest)
-    if len(values) < 2:
+        elif phase:
+            values[phase.group(1)] = float(rest)
+    if _PASSES not in values or _REQUESTS not in values:
         return None
-    return values["nli_batch_requests_count"], values["nli_batch_requests_sum"]
+    return values
 
 
 def batching_between(
-    before: tuple[float, float] | None, after: tuple[float, float] | None
-) -> dict[str, float] | None:
-    """Forward passes and mean requests per pass between two ``batch_counters`` readings."""
-    if before is None or after is None or after[0] <= before[0]:
+    before: dict[str, float] | None, after: dict[str, float] | None
+) -> dict[str, Any] | None:
+    """Forward passes, mean requests per pass and the worker's milliseconds per pass by phase
+    between two ``batch_counters`` readings."""
+    if before is None or after is None or after[_PASSES] <= before[_PASSES]:
         return None
-    passes = after[0] - before[0]
+    passes = after[_PASSES] - before[_PASSES]
+    phases = [k for k in after if k not in (_PASSES, _REQUESTS) and k in before]
     return {
         "forward_passes": passes,
-        "mean_requests_per_pass": round((after[1] - before[1]) / passes, 2),
+        "mean_requests_per_pass": round((after[_REQUESTS] - before[_REQUESTS]) / passes, 2),
+        "worker_ms_per_pass": {
+            k: round(1000 * (after[k] - before[k]) / passes, 2) for k in sorted(phases)
+        },
     }
 
 

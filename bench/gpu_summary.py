@@ -57,6 +57,8 @@ def classify_rows(r: dict[str, Any]) -> list[Row]:
         goal = 1500 if model == "smollm2" and gpu else None
         verdict = f" ({mark(load['requests_per_s'], goal)})" if goal else ""
         batching = load.get("batching") or {}
+        worker = batching.get("worker_ms_per_pass") or {}
+        per_pass = ", ".join(f"{phase} {ms} ms" for phase, ms in worker.items())
         rows.append(
             (
                 f"/classify {load['clients']} clients, {model}",
@@ -64,7 +66,8 @@ def classify_rows(r: dict[str, Any]) -> list[Row]:
                 f"{load['requests_per_s']} req/s, p50 {load['latency_p50_ms']} ms, "
                 f"p99 {load['latency_p99_ms']} ms, errors {load['errors']}{verdict}",
                 f"{load['window_s']} s window, {load['client_processes']} client procs, "
-                f"{batching.get('mean_requests_per_pass', '?')} req/forward",
+                f"{batching.get('mean_requests_per_pass', '?')} req/forward"
+                + (f"; worker per pass: {per_pass}" if per_pass else ""),
             )
         )
     if "hot_swap" in r:

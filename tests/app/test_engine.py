@@ -15,6 +15,7 @@ import torch
 
 from app.engine import BatchEngine, EvaluationCancelled
 from app.errors import ResourceExhaustedError
+from app.metrics import Metrics
 from nli.errors import InputTooLongError, NotReadyError, QueueFullError
 
 Pair = tuple[str, str]
@@ -232,3 +233,33 @@ def test_stop_finishes_queued_requests_and_refuses_new_work(engine_factory: Fact
         engine.score_blocking(pairs(1), None)
     with pytest.raises(NotReadyError):
         engine.run_exclusive(lambda: None).result(1)
+
+
+def test_the_worker_counts_its_time_by_phase(engine_factory: Factory) -> None:
+    metrics = Metrics()
+    engine = engine_factory(FakeScorer(delay=0.02), metrics=metrics, max_batch_wait_s=0.05)
+
+    def spent(phase: str) -> float:
+        value = metrics.registry.get_sample_value("nli_engine_seconds_total", {"phase": phase})
+        assert value is not None
+        return value
+
+    async def lone() -> None:
+        for i in range(3):
+            await engine.submit(pairs(i), None)
+
+    asyncio.run(lone())
+    assert spent("forward") >= 3 * 0.02  # the fake scorer's 20 ms per step
+    assert spent("encode") > 0 and spent("deliver") > 0
+    assert spent("batch_wait") == 0  # a lone client never waits
+    gate = threading.Event()
+    engine.run_exclusive(lambda: gate.wait(10))
+
+    async def under_load() -> None:
+        first = [engine.submit(pairs(n), None) for n in (10, 11)]
+        gate.set()
+        await asyncio.gather(*first)  # a step of two requests: the next one may wait
+        await engine.submit(pairs(12), None)
+
+    asyncio.run(under_load())
+    assert 0.04 <= spent("batch_wait") < 1.0
