@@ -9,6 +9,7 @@ layers). The last test records real graphs and needs a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +28,11 @@ from nli.cuda_graphs import (
 )
 from nli.loading import load_base_model
 from tests.nli.test_cuda_graphs import MORE_PAIRS, check_reattached_name, reference
+from tests.nli.test_cuda_graphs import SETTINGS as LORA_SLOT_SETTINGS
 from tests.nli.test_fast_attach import PAIRS
 
-SETTINGS = GraphSettings(max_batch=4, max_length=128, length_step=16, lora_rank=8)
+# The LoRA-slot tests' buckets and slot rank (8: the rank16 adapter is above it), merging on.
+SETTINGS = dataclasses.replace(LORA_SLOT_SETTINGS, merge=True)
 # End to end: the merged bf16 weights round W + scaling * B @ A once more than PEFT's unmerged
 # layers do, on top of the mask / prefix-cache differences that the LoRA slot's tests allow 2e-3.
 ATOL = 5e-3
