@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.errors import COMMON_RESPONSES, install_error_handlers
 from app.evaluation import EvaluationService
+from app.gc_pauses import GCPauseTimer
 from app.jobs import JobStore
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
@@ -32,6 +33,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     evaluation = EvaluationService(settings, runtime, store, app.state.metrics)
     app.state.runtime = runtime
     app.state.evaluation = evaluation
+    gc_timer = GCPauseTimer(app.state.metrics.gc_pauses)
+    gc_timer.install()
     runtime.on_ready(lambda _: evaluation.runner.start())
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("NLI_API_KEY is not set: admin routes are open to anyone who can connect")
@@ -43,6 +46,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         evaluation.runner.stop()
         runtime.stop()
         store.close()
+        gc_timer.remove()
 
 
 def create_app(

@@ -6,7 +6,14 @@ raw path or other user input.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -85,6 +92,12 @@ class Metrics:
         )
         self.oom_failures = Counter(
             "nli_oom_failures", "Requests that failed for lack of device memory", registry=r
+        )
+        self.gc_pauses = Summary(
+            "nli_gc_pause_seconds",
+            "Garbage-collector pauses of the whole process, by generation (2 = full collection)",
+            ["generation"],
+            registry=r,
         )
         for priority in ("interactive", "evaluation"):
             self.queue_depth.labels(priority).set(0)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.engine import BatchEngine
+from app.gc_pauses import freeze_startup_objects, thaw
 from app.metrics import Metrics
 from app.registry import AdapterRegistry, Target
 from app.settings import BASE, BUILTIN_DEFAULT_ADAPTER, Settings
@@ -64,6 +65,7 @@ class ModelRuntime:
         self._ready: Ready | None = None
         self._on_ready: list[Callable[[Ready], None]] = []
         self._lock = threading.Lock()
+        self._frozen = False  # start-up objects exempt from garbage collection (app.gc_pauses)
         self._thread = threading.Thread(target=self._load, name="nli-model-loader", daemon=True)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -95,6 +97,9 @@ class ModelRuntime:
             return
         ready.engine.stop()
         self.metrics.ready.set(0)
+        if self._frozen:
+            thaw()
+            self._frozen = False
         free_device_memory(ready.classifier.device)
         logger.info("model runtime stopped")
 
@@ -165,6 +170,11 @@ class ModelRuntime:
         for callback in callbacks:
             callback(ready)
         self._record_graphs(ready)
+        if settings.gc_freeze:
+            with self._lock:  # not while stop() releases the model
+                if self._ready is ready:
+                    freeze_startup_objects()
+                    self._frozen = True
 
     def _record_graphs(self, ready: Ready) -> None:
         """Record the CUDA graphs of the common batch shapes while requests are already served

@@ -181,11 +181,13 @@ def stop_server(process: Any, timeout: float = 60.0) -> int | str:
 
 _PASSES, _REQUESTS = "nli_batch_requests_count", "nli_batch_requests_sum"
 _PHASE = re.compile(r'nli_engine_seconds_total\{phase="(\w+)"\}')
+_GC = re.compile(r'nli_gc_pause_seconds_(count|sum)\{generation="(\d)"\}')
 
 
 def batch_counters(url: str) -> dict[str, float] | None:
-    """Forward passes, requests scored and the worker's seconds by phase
-    (``nli_engine_seconds``) so far, from ``/metrics``; None if unavailable."""
+    """Forward passes, requests scored, the worker's seconds by phase (``nli_engine_seconds``)
+    and garbage-collector pauses (``gc<N>_count`` / ``gc<N>_sum``) so far, from ``/metrics``;
+    None if unavailable."""
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -194,10 +196,13 @@ def batch_counters(url: str) -> dict[str, float] | None:
     for line in text.splitlines():
         name, _, rest = line.partition(" ")
         phase = _PHASE.fullmatch(name)
+        gc = _GC.fullmatch(name)
         if name in (_PASSES, _REQUESTS):
             values[name] = float(rest)
         elif phase:
             values[phase.group(1)] = float(rest)
+        elif gc:
+            values[f"gc{gc.group(2)}_{gc.group(1)}"] = float(rest)
     if _PASSES not in values or _REQUESTS not in values:
         return None
     return values
@@ -206,17 +211,30 @@ def batch_counters(url: str) -> dict[str, float] | None:
 def batching_between(
     before: dict[str, float] | None, after: dict[str, float] | None
 ) -> dict[str, Any] | None:
-    """Forward passes, mean requests per pass and the worker's milliseconds per pass by phase
-    between two ``batch_counters`` readings."""
+    """Forward passes, mean requests per pass, the worker's milliseconds per pass by phase, and
+    the garbage collections by generation (how many, and their milliseconds in all) between two
+    ``batch_counters`` readings."""
     if before is None or after is None or after[_PASSES] <= before[_PASSES]:
         return None
     passes = after[_PASSES] - before[_PASSES]
-    phases = [k for k in after if k not in (_PASSES, _REQUESTS) and k in before]
+
+    def delta(key: str) -> float:
+        return after[key] - before[key]
+
+    phases = [k for k in after if k in before and k not in (_PASSES, _REQUESTS)]
+    gc_counts = sorted(k for k in phases if k.startswith("gc") and k.endswith("_count"))
     return {
         "forward_passes": passes,
-        "mean_requests_per_pass": round((after[_REQUESTS] - before[_REQUESTS]) / passes, 2),
+        "mean_requests_per_pass": round(delta(_REQUESTS) / passes, 2),
         "worker_ms_per_pass": {
-            k: round(1000 * (after[k] - before[k]) / passes, 2) for k in sorted(phases)
+            k: round(1000 * delta(k) / passes, 2) for k in sorted(phases) if not k.startswith("gc")
+        },
+        "gc": {
+            k.removesuffix("_count"): {
+                "collections": int(delta(k)),
+                "ms": round(1000 * delta(k.replace("_count", "_sum")), 1),
+            }
+            for k in gc_counts
         },
     }
 

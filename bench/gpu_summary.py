@@ -59,6 +59,9 @@ def classify_rows(r: dict[str, Any]) -> list[Row]:
         batching = load.get("batching") or {}
         worker = batching.get("worker_ms_per_pass") or {}
         per_pass = ", ".join(f"{phase} {ms} ms" for phase, ms in worker.items())
+        full_gc = (batching.get("gc") or {}).get("gc2")
+        if full_gc:
+            per_pass += f"; full GCs {full_gc['collections']} ({full_gc['ms']} ms)"
         rows.append(
             (
                 f"/classify {load['clients']} clients, {model}",
