@@ -120,7 +120,8 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     for run in r["runs"]:
         model, kind = run["model"], run["kind"]
-        label = f"training {kind}, {model}"
+        processes = run.get("processes", 1)
+        label = f"training {kind}, {model}" + (f", DDP x{processes}" if processes > 1 else "")
         if run["status"] != "ok":
             rows.append((label, "-", run["status"], " / ".join(run.get("log_tail", []))[-200:]))
             continue
@@ -134,7 +135,7 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
         )
         if run.get("error_after_training"):
             detail += f"; after training: {run['error_after_training'][:120]}"
-        if kind == "real" and model in TRAIN_GOAL and gpu:
+        if kind == "real" and processes == 1 and model in TRAIN_GOAL and gpu:
             goal = TRAIN_GOAL[model]
             rows.append((label, f">= {goal} ex/s", f"{rate} ex/s ({mark(rate, goal)})", detail))
         elif kind == "low-memory":
@@ -148,6 +149,15 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
             )
         else:
             rows.append((label, "-", f"{rate} ex/s", detail))
+    if r.get("ddp_speedup"):
+        rows.append(
+            (
+                f"DDP speed-up, {r['model']}",
+                ">= 1.8x",
+                f"{r['ddp_speedup']}x ({mark(r['ddp_speedup'], 1.8)})",
+                "examples/s of all processes over one process's, same call, same settings",
+            )
+        )
     if r.get("speedup_vs_naive"):
         rows.append(
             (

@@ -16,7 +16,8 @@
 # (the weights packed, the library default), graph-accuracy-deq (graphed vs eager, merged),
 # classify-smollm2-eager (NLI_CUDA_GRAPHS=0: the baseline of the CUDA-graph path),
 # graph-accuracy (graphed vs eager scores of the shipped adapter on dev rows 0-1,999), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
-# at batch 512, with a 2-step profile in the logs).
+# at batch 512, with a 2-step profile in the logs), train-smollm2-ddp (those settings on one GPU,
+# then under DDP on two: needs the nvidia-h100-x2 kind).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -86,6 +87,13 @@ for name in $STEPS; do
         --set model.prepare_kbit=false --profile 2 \
         --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
+    train-smollm2-ddp)
+      # Needs 2 GPUs (nvidia-h100-x2): one process, then DDP on both, same settings, same call.
+      # 26 steps of 2 x 512 rows stay inside one epoch of train + dev[2000:] (29,484 pairs).
+      step "$name" 240 $PY -m bench.train_throughput --model smollm2 --only real --nproc 2 \
+        --steps 26 --warmup-steps 6 --batch-size 512 --set model.dequantize_frozen=true \
+        --set model.prepare_kbit=false --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
+      ;;
     train-qwen)
       # The naive ratio comes from SmolLM2 (train-smollm2); add --naive-baseline for the 1.5B's.
       step "$name" 150 $PY -m bench.train_throughput --model qwen2-1.5b --batch-size 128 \
@@ -98,7 +106,7 @@ for name in $STEPS; do
         --out "$LOGS/$name.json"
       ;;
     eval-smollm2)
-      step "$name" 120 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
+      step "$name" 170 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
         --configs plain prefix+overlap+compile --batch-sizes 1024 --repeats 1 \
         --out "$LOGS/$name.json"
       ;;

@@ -16,19 +16,24 @@ Runs, each in its own process (clean peak-memory counters, no state carried over
   (``model.dequantize_frozen=false``), gradient checkpointing, batch 32 x 2 accumulation steps,
   and the allocator capped (``--memory-cap-gib``, default 5.5 GiB, so that with the CUDA context
   the process fits in 6 GB); a run that does not fit fails with OOM.
+- ``real`` under DDP (``--nproc N``): the same training phase in N processes under ``torchrun``
+  (``torch.distributed.run --standalone``), one GPU each, ``--batch-size`` rows per GPU; the
+  single-process ``real`` run comes first in the same command, as the baseline of the ratio.
 - ``naive`` (``--naive-baseline``): the naive recipe on the same 4-bit base: plain ``Trainer``
   on ``AutoModelForCausalLM`` + LoRA r=16 on all linear layers, full-vocabulary SFT loss on the
   prompt + answer text (labels = input ids), every example padded to ``--naive-max-length``,
   batch 4, gradient checkpointing.
 
 examples/s is measured over the steps after ``--warmup-steps`` (one device sync at each end of
-that window, none per step); ``report_examples_per_s`` is what report.json would say (the whole
-``Trainer.train`` call minus evaluation, first steps included). Evaluation is kept out of the
-way: ``eval.strategy=steps`` with an interval past the last step (``nli-train`` has no "no"
-strategy) evaluates once at the end on ``data.dev_rows=:256``, outside the window, with the
-collapse check and early stopping off (random weights sit at chance). Model loading, data
-preparation and that evaluation are never timed. No adapter is saved and no final report is
-written (those happen after training in ``nli-train train``).
+that window, none per step; under DDP by rank 0 over every rank's examples, the gradient
+all-reduce of each step keeping the ranks in step); ``report_examples_per_s`` is what
+report.json would say (the whole ``Trainer.train`` call minus evaluation, first steps
+included). Evaluation is kept out of the way: ``eval.strategy=steps`` with an interval past
+the last step (``nli-train`` has no "no" strategy) evaluates once at the end on
+``data.dev_rows=:256``, outside the window, with the collapse check and early stopping off
+(random weights sit at chance). Model loading, data preparation and that evaluation are never
+timed. No adapter is saved and no final report is written (those happen after training in
+``nli-train train``).
 
 On CPU, for a functional check: ``--device cpu --steps 2 --batch-size 8``.
 """
@@ -205,6 +210,8 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
 
     steps, warmup = spec["steps"], spec["warmup"]
     batch, accum = spec["batch_size"], spec["grad_accum"]
+    dist = Distributed.from_env()  # torchrun's ranks under --nproc, else one process
+    per_step = batch * accum * dist.world_size
     recipe = "smollm2-135m-snli" if spec["model"] == "smollm2" else "qwen2.5-1.5b-snli"
     overrides = [] if spec["model"] != "smollm2" else list(SHIPPED_SETTINGS)
     if spec["model"] != "smollm2":
@@ -220,7 +227,7 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
         f"train.batch_size={batch}",
         f"train.grad_accum={accum}",
         # Exactly enough full batches: no short batch, no epoch boundary inside the window.
-        f"data.max_train_examples={(steps + 1) * batch * accum}",
+        f"data.max_train_examples={(steps + 1) * per_step}",
         "data.dev_rows=:256",
         "eval.strategy=steps",
         f"eval.steps={steps + 1000}",
@@ -246,17 +253,15 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks.append(make_step_profiler(steps, extra, Path(spec["profile_out"])))
         overrides += [
             f"train.max_steps={steps + extra + 1}",
-            f"data.max_train_examples={(steps + extra + 2) * batch * accum}",
+            f"data.max_train_examples={(steps + extra + 2) * per_step}",
         ]
     overrides += spec["overrides"]
     work = Path(tempfile.mkdtemp(prefix="nli-bench-train-"))
     cfg = load_config(recipe, overrides, output=str(work / "adapter"))
     cap_memory(spec.get("memory_cap_gib"), spec["device"])
-    window = {"examples_per_step": batch * accum, "steps": steps, "warmup": warmup}
+    window = {"examples_per_step": per_step, "steps": steps, "warmup": warmup}
     try:
-        session = _fit(
-            cfg, work / "adapter.work", Distributed(), checkpoint=None, callbacks=callbacks
-        )
+        session = _fit(cfg, work / "adapter.work", dist, checkpoint=None, callbacks=callbacks)
     except Exception as exc:
         if timer.marks.get(steps) is None:
             raise
@@ -279,6 +284,7 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": stats["steps"],
         "batch_size": batch,
         "grad_accum": accum,
+        "processes": dist.world_size,
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "mean_prompt_tokens": session.data.summary.get("mean_prompt_tokens"),
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout},
@@ -379,7 +385,8 @@ def worker(spec_json: str, result_path: Path) -> None:
     if spec.get("data_dir"):
         os.environ["NLI_SNLI_DIR"] = spec["data_dir"]
     result = run_naive(spec) if spec["kind"] == "naive" else run_real(spec)
-    result_path.write_text(json.dumps(result) + "\n")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        result_path.write_text(json.dumps(result) + "\n")
 
 
 # -- orchestration ----------------------------------------------------------------------------
@@ -393,14 +400,18 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         kinds.append("naive")
     if args.only:
         kinds = args.only
+    if args.nproc > 1 and "real" in kinds:
+        kinds.insert(kinds.index("real") + 1, "ddp")
     runs = []
     family = "smollm2" if args.model == "smollm2" else "other"
     for kind in kinds:
-        steps, warmup = DEFAULT_STEPS.get((kind, family), DEFAULT_STEPS[(kind, "other")])
+        run = "real" if kind == "ddp" else kind
+        steps, warmup = DEFAULT_STEPS.get((run, family), DEFAULT_STEPS[(run, "other")])
         steps = args.steps or steps
         warmup = min(args.warmup_steps if args.warmup_steps is not None else warmup, steps - 1)
         spec: dict[str, Any] = {
-            "kind": kind,
+            "kind": run,
+            "nproc": args.nproc if kind == "ddp" else 1,
             "model": args.model,
             "device": args.device,
             "steps": steps,
@@ -408,9 +419,9 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             "overrides": args.set,
             "data_dir": str(args.data_dir) if args.data_dir else None,
             "low_memory": kind == "low-memory",
-            "profile_steps": args.profile if kind == "real" else 0,
+            "profile_steps": args.profile if kind == "real" else 0,  # not under DDP
         }
-        if kind == "real":
+        if kind in ("real", "ddp"):
             spec.update(batch_size=args.batch_size or (128 if family == "smollm2" else 64))
             spec.update(grad_accum=args.grad_accum)
         elif kind == "low-memory":
@@ -424,9 +435,14 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def launch(spec: dict[str, Any], log_dir: Path, timeout: float) -> dict[str, Any]:
     name = f"{spec['kind']}-{Path(spec['model']).name}"
+    if spec["nproc"] > 1:
+        name += f"-ddp{spec['nproc']}"
     result_path = log_dir / f"train-{name}.json"
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "bench.train_throughput", "--worker", json.dumps(spec)]
+    if spec["nproc"] > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone"]
+        cmd[1:1] = [*launcher, f"--nproc-per-node={spec['nproc']}"]
     cmd += ["--result", str(result_path)]
     env = {
         **os.environ,
@@ -441,6 +457,7 @@ def launch(spec: dict[str, Any], log_dir: Path, timeout: float) -> dict[str, Any
         except subprocess.TimeoutExpired:
             code = "timeout"
     row: dict[str, Any] = {"run": name, "kind": spec["kind"], "model": spec["model"]}
+    row["processes"] = spec["nproc"]
     row["wall_s"] = round(time.perf_counter() - started, 1)
     if code == 0 and result_path.is_file():
         row.update(status="ok", **json.loads(result_path.read_text()))
@@ -465,6 +482,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=None, help="steps before the window")
     parser.add_argument("--batch-size", type=int, default=None, help="real run (recipe's)")
     parser.add_argument("--grad-accum", type=int, default=1, help="real run")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="also run the real run under DDP on this many GPUs"
+    )
     parser.add_argument("--low-memory-batch-size", type=int, default=32)
     parser.add_argument("--low-memory-accum", type=int, default=2)
     parser.add_argument("--memory-cap-gib", type=float, default=5.5, help="low-memory run")
@@ -509,10 +529,17 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     speedup = None
-    real = next((r for r in rows if r["kind"] == "real" and r["status"] == "ok"), None)
+    real = next(
+        (r for r in rows if r["kind"] == "real" and r["processes"] == 1 and r["status"] == "ok"),
+        None,
+    )
     naive = next((r for r in rows if r["kind"] == "naive" and r["status"] == "ok"), None)
     if real and naive and real["examples_per_s"] and naive["examples_per_s"]:
         speedup = round(real["examples_per_s"] / naive["examples_per_s"], 1)
+    ddp = next((r for r in rows if r["processes"] > 1 and r["status"] == "ok"), None)
+    ddp_speedup = None
+    if real and ddp and real["examples_per_s"] and ddp["examples_per_s"]:
+        ddp_speedup = round(ddp["examples_per_s"] / real["examples_per_s"], 3)
     result = {
         "benchmark": "train_throughput",
         "model": args.model,
@@ -521,6 +548,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "runs": rows,
         "speedup_vs_naive": speedup,
+        "ddp_speedup": ddp_speedup,
     }
     print(f"\ntraining throughput on {result['machine']}, model {args.model}")
     print(f"{'run':<28} {'ex/s':>8} {'report ex/s':>12} {'batch':>9} {'peak GiB':>9} {'status'}")
@@ -533,6 +561,8 @@ def main() -> None:
         )
     if speedup:
         print(f"real / naive: {speedup}x")
+    if ddp_speedup:
+        print(f"DDP, {ddp['processes']} processes / one: {ddp_speedup}x")
     line = json.dumps(result)
     print(line)
     if args.out:
