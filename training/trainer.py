@@ -253,4 +253,20 @@ def training_arguments(
         torch_compile=loop.torch_compile,
         disable_tqdm=False,
     )
-    return TrainingArguments(**kwargs)
+    return one_gpu_per_process(TrainingArguments(**kwargs), world_size=world_size)
+
+
+def one_gpu_per_process(args: TrainingArguments, *, world_size: int) -> TrainingArguments:
+    """Keep a lone process on one GPU where several are visible.
+
+    ``Trainer`` would otherwise wrap the model in ``nn.DataParallel`` over every visible GPU
+    (a frozen base copied to each GPU on every step, the batch multiplied by the GPU count, and
+    all of it gathered on the first). Several GPUs train under ``torchrun`` (DDP) instead.
+    """
+    if world_size == 1 and args.n_gpu > 1:
+        logger.warning(
+            "%d GPUs visible to one process: training on one; run under torchrun for DDP",
+            args.n_gpu,
+        )
+        args._n_gpu = 1  # what TrainingArguments sets for a process with one device
+    return args

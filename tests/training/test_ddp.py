@@ -84,3 +84,19 @@ def test_ddp_ranks_stay_in_sync_and_only_rank_0_writes(
 def _no_gpu_here() -> None:
     if torch.cuda.is_available():
         pytest.skip("CPU DDP check; the GPU run is the lead's benchmark")
+
+
+@pytest.mark.parametrize(("world_size", "expected"), [(1, 1), (2, 2)])
+def test_a_lone_process_trains_on_one_of_several_visible_gpus(
+    tmp_path: Path, world_size: int, expected: int
+) -> None:
+    """Without torchrun, Trainer would wrap the model in nn.DataParallel over every visible
+    GPU; a host with two GPUs is simulated by the count TrainingArguments found."""
+    from transformers import TrainingArguments
+
+    from training.trainer import one_gpu_per_process
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert args.n_gpu == 0  # devices set up: CPU here
+    args._n_gpu = 2
+    assert one_gpu_per_process(args, world_size=world_size).n_gpu == expected
