@@ -34,10 +34,10 @@ def test_the_timer_counts_each_collection_by_generation_while_installed() -> Non
     finally:
         timer.remove()
     full, full_seconds = pauses(metrics, 2)
-    assert full == 2 and full_seconds > 0
+    assert full >= 2 and full_seconds > 0  # (allocations may set off more meanwhile)
     assert pauses(metrics, 0)[0] >= 1
     gc.collect(2)  # removed: no longer counted
-    assert pauses(metrics, 2)[0] == 2
+    assert pauses(metrics, 2)[0] == full
     timer.remove()  # removing twice is harmless
 
 
