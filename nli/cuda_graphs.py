@@ -170,12 +170,30 @@ class _SharedDown:
 
 class _Slot:
     """What both slots share: the linear layers the graphs read through them, the adapter they
-    hold, and where those layers' weights were when the slot was made."""
+    hold, which adapters fit, and where those layers' weights were when the slot was made."""
+
+    max_rank: int | None = None  # highest LoRA rank the slot holds (None: any)
 
     def __init__(self, modules: dict[str, torch.nn.Linear]) -> None:
         self.modules = modules
         self.holds: str | None = None  # the adapter the slot holds (None: the bare base)
         self._addresses = self._weight_addresses()
+
+    def fit(self, layers: dict[str, Any], adapter: str) -> str | None:
+        """Why ``adapter``'s LoRA layers cannot run in this slot, or None when they can."""
+        for name, layer in layers.items():
+            if adapter not in layer.lora_A:
+                continue
+            if name not in self.modules:
+                return f"LoRA on {name}, which has no slot"
+            if adapter in getattr(layer, "lora_variant", {}) or layer.merged:
+                return f"{name} is not plain LoRA (DoRA or another variant, or merged)"
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            if not isinstance(a, torch.nn.Linear) or a.bias is not None or b.bias is not None:
+                return f"{name} is not a plain LoRA linear pair"
+            if self.max_rank is not None and a.weight.shape[0] > self.max_rank:
+                return f"rank {a.weight.shape[0]} is above the slot's {self.max_rank}"
+        return None
 
     def _weight_addresses(self) -> list[int]:
         return [m.weight.data_ptr() for m in self.modules.values()]
@@ -200,7 +218,7 @@ class LoraSlot(_Slot):
         groups: Sequence[Sequence[str]] | None = None,
     ) -> None:
         super().__init__(modules)
-        self.rank = rank
+        self.rank = self.max_rank = rank
         self.groups = [list(g) for g in (input_groups(modules) if groups is None else groups)]
         self._shared: dict[str, tuple[_SharedDown, int]] = {}  # member -> its group, its index
         views: dict[str, torch.Tensor] = {}
@@ -255,10 +273,6 @@ class LoraSlot(_Slot):
                 handle.remove()
             for group, _ in self._shared.values():
                 group.clear()  # no input or product outlives the block
-
-    def fit(self, layers: dict[str, Any], adapter: str) -> str | None:
-        """Why ``adapter`` cannot run in this slot, or None when it can."""
-        return _unfit_reason(self.modules, layers, adapter, max_rank=self.rank)
 
     @torch.no_grad()
     def load(self, layers: dict[str, Any], adapter: str | None) -> None:
@@ -315,10 +329,6 @@ class MergedSlot(_Slot):
             for name, weight in originals.items():
                 self.modules[name].weight = weight
 
-    def fit(self, layers: dict[str, Any], adapter: str) -> str | None:
-        """Why ``adapter`` cannot run in this slot, or None when it can (any rank can)."""
-        return _unfit_reason(self.modules, layers, adapter, max_rank=None)
-
     @torch.no_grad()
     def load(self, layers: dict[str, Any], adapter: str | None) -> None:
         """Hold ``adapter`` merged (None: the base weights); ``fit`` must have passed."""
@@ -340,29 +350,6 @@ class MergedSlot(_Slot):
             self.weights[name].copy_(update)
         self._changed = set(merged)
         self.holds = adapter
-
-
-def _unfit_reason(
-    modules: dict[str, torch.nn.Linear],
-    layers: dict[str, Any],
-    adapter: str,
-    *,
-    max_rank: int | None,
-) -> str | None:
-    """Why ``adapter``'s LoRA layers cannot run in a slot over ``modules``, or None."""
-    for name, layer in layers.items():
-        if adapter not in layer.lora_A:
-            continue
-        if name not in modules:
-            return f"LoRA on {name}, which has no slot"
-        if adapter in getattr(layer, "lora_variant", {}) or layer.merged:
-            return f"{name} is not plain LoRA (DoRA or another variant, or merged)"
-        a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-        if not isinstance(a, torch.nn.Linear) or a.bias is not None or b.bias is not None:
-            return f"{name} is not a plain LoRA linear pair"
-        if max_rank is not None and a.weight.shape[0] > max_rank:
-            return f"rank {a.weight.shape[0]} is above the slot's {max_rank}"
-    return None
 
 
 def _is_bnb(module: torch.nn.Module) -> bool:
