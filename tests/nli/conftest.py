@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nli.loading import LoadedBase, load_base_model
-from tests.nli.test_fast_attach import make_adapter
+from tests.nli.adapters import make_adapter
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from nli.cuda_graphs import (
     slot_modules,
 )
 from nli.loading import LoadedBase, load_base_model
-from tests.nli.test_fast_attach import PAIRS
+from tests.nli.adapters import PAIRS
 
 # End to end, the slot path runs whole prompts without a mask while the ordinary path uses the
 # prefix cache and a padding mask: the same tolerance as tests/nli/test_fast_scoring.py. The slot's

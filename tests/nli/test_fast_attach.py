@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import load_file, save_file
 
@@ -24,41 +24,7 @@ from nli.errors import AdapterInvalidError
 from nli.loading import LoadedBase, load_base_model
 from nli.manifest import WEIGHTS_FILE
 from nli.scoring import split_peft
-from tests.nli.adapters import write_synthetic_manifest
-
-PAIRS = [
-    ("a man is playing guitar in the park", "a man plays music"),
-    ("two dogs are running on the beach", "the dogs are not outside"),
-    ("the child is sitting", "a child is sitting"),
-]
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(
-    model_dir: Path,
-    folder: Path,
-    *,
-    seed: int,
-    r: int = 4,
-    alpha: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    **config: Any,
-) -> Path:
-    """A LoRA adapter with random weights (stored in ``dtype``) and its manifest; ``alpha``
-    defaults to ``2 * r``."""
-    base = load_base_model(str(model_dir), device="cpu")
-    torch.manual_seed(seed)
-    config.setdefault("target_modules", ALL)
-    lora = LoraConfig(
-        r=r, lora_alpha=2 * r if alpha is None else alpha, init_lora_weights=False, **config
-    )
-    get_peft_model(base.model, lora).save_pretrained(folder)
-    if dtype != torch.float32:
-        weights = load_file(folder / WEIGHTS_FILE)
-        save_file(
-            {k: v.to(dtype) for k, v in weights.items()}, folder / WEIGHTS_FILE, {"format": "pt"}
-        )
-    return write_synthetic_manifest(folder, base)
+from tests.nli.adapters import ALL, PAIRS, make_adapter
 
 
 @pytest.fixture(scope="module")

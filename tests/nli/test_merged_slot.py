@@ -27,9 +27,9 @@ from nli.cuda_graphs import (
     slot_modules,
 )
 from nli.loading import load_base_model
+from tests.nli.adapters import PAIRS
 from tests.nli.test_cuda_graphs import MORE_PAIRS, check_reattached_name, reference
 from tests.nli.test_cuda_graphs import SETTINGS as LORA_SLOT_SETTINGS
-from tests.nli.test_fast_attach import PAIRS
 
 # The LoRA-slot tests' buckets and slot rank (8: the rank16 adapter is above it), merging on.
 SETTINGS = dataclasses.replace(LORA_SLOT_SETTINGS, merge=True)

@@ -14,7 +14,7 @@ from nli.classifier import NLIClassifier
 from nli.errors import AdapterInvalidError, ConfigError
 from nli.loading import LoadedBase, load_base_model
 from nli.manifest import PEFT_CONFIG_FILE, WEIGHTS_FILE, read_manifest
-from tests.nli.test_fast_attach import PAIRS, make_adapter
+from tests.nli.adapters import PAIRS, make_adapter
 from training.average import average_adapters
 from training.cli import main
 
