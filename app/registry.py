@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -217,8 +218,10 @@ class AdapterRegistry:
         Never call from the event loop (it waits for the worker thread).
         """
         check_adapter_name(name)
+        started = time.perf_counter()
         folder, source = self.locate(name)
         fingerprint = folder_fingerprint(folder)
+        hashed = time.perf_counter()
         with self._lock:
             current = self._entries.get(name)
         if current is not None:
@@ -258,7 +261,14 @@ class AdapterRegistry:
         if old is not None:
             self._retire(old)
         self._count("replace" if old is not None else "load", count)
-        logger.info("adapter %s %s from %s", name, "replaced" if old else "loaded", folder)
+        logger.info(
+            "adapter %s %s from %s in %.1f ms (fingerprint %.1f ms)",
+            name,
+            "replaced" if old else "loaded",
+            folder,
+            1000 * (time.perf_counter() - started),
+            1000 * (hashed - started),
+        )
         return entry, "replaced" if old is not None else "loaded"
 
     async def unload(self, name: str) -> bool:

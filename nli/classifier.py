@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class NLIClassifier:
         before taking the lock and leaves the model as PEFT's ``load_adapter`` would; any other
         adapter, or one whose files do not fit, is loaded (or refused) through PEFT.
         """
+        started = time.perf_counter()
         path = Path(path)
         manifest = read_manifest(path)
         check_base_model(manifest, self.base.ref, adapter=name)
@@ -171,12 +173,16 @@ class NLIClassifier:
             self.tokenizer, get_prompt_format(manifest.prompt_format), max_length=self.max_length
         )
         prepared = lora_fast_attach.prepare(path)  # file reading and checks, off the lock
+        read = time.perf_counter()
         with self._lock:
             if name in self.adapters:
                 raise AdapterConflictError(f"adapter {name!r} is already attached")
             self._forget_prefixes(name)
+            locked = time.perf_counter()
+            fast = False
             try:
-                if prepared is None or not self._attach_fast(prepared, name):
+                fast = prepared is not None and self._attach_fast(prepared, name)
+                if not fast:
                     self._attach_with_peft(path, name)
                     self.model.eval()
             except AdapterInvalidError:
@@ -189,7 +195,17 @@ class NLIClassifier:
                 ) from None
             loaded = LoadedAdapter(name, path, manifest, encoder)
             self.adapters[name] = loaded
-        logger.info("attached adapter %s from %s", name, path)
+        done = time.perf_counter()
+        logger.info(
+            "attached adapter %s from %s in %.1f ms (reading %.1f, waiting %.1f, %s %.1f)",
+            name,
+            path,
+            1000 * (done - started),
+            1000 * (read - started),
+            1000 * (locked - read),
+            "fast attach" if fast else "PEFT load",
+            1000 * (done - locked),
+        )
         return loaded
 
     def _attach_fast(self, prepared: lora_fast_attach.PreparedLora, name: str) -> bool:

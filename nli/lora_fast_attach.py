@@ -171,7 +171,7 @@ def attach(index: LoraIndex, prepared: PreparedLora, name: str) -> bool:
     On an exception after the first change, ``name`` is in ``peft_config`` and may be in some
     layers: the caller deletes it as it deletes an adapter PEFT half-loaded.
     """
-    from peft.tuners.tuners_utils import _ExcludedModule, _extend_unique, cast_adapter_dtype
+    from peft.tuners.tuners_utils import _ExcludedModule, _extend_unique
     from peft.utils.transformers_weight_conversion import get_checkpoint_conversion_mapping
 
     peft_model = index.peft_model
@@ -213,13 +213,24 @@ def attach(index: LoraIndex, prepared: PreparedLora, name: str) -> bool:
     # PeftModel.add_adapter registers the config first; inject_adapter checks it against the rest.
     peft_model.peft_config[name] = config
     tuner._check_new_adapter_config(config)
-    for key, layer in targets:
-        tuner._check_target_module_compatiblity(config, model, key.rsplit(".", 1)[-1])
-        # _create_and_replace's call for a module that already is a LoRA layer
-        layer.update_layer(
-            name, config.r, lora_alpha=config.lora_alpha, target_name=key, config=config
-        )
+    # _create_and_replace's call for a module that already is a LoRA layer, with the new LoRA
+    # modules made on the meta device: their random initialisation, move to the base layer's
+    # device and float32 cast (most of update_layer's time) would all be overwritten by the
+    # weights below.
+    with torch.device("meta"):
+        for key, layer in targets:
+            tuner._check_target_module_compatiblity(config, model, key.rsplit(".", 1)[-1])
+            layer.update_layer(
+                name, config.r, lora_alpha=config.lora_alpha, target_name=key, config=config
+            )
     _extend_unique(tuner.targeted_module_names, [key for key, _ in targets])
+    # The weights, in the device and dtype PEFT's path ends with (the base layer's device;
+    # float32 after add_adapter's autocast), sent over in one copy per device.
+    placed = _place(
+        {key: (tensors[key], *_destination(layer)) for key, (layer, _, _) in expected.items()}
+    )
+    for key, (layer, attr, _) in expected.items():
+        getattr(layer, attr)[name].weight = torch.nn.Parameter(placed[key], requires_grad=False)
     # inject_adapter's housekeeping: re-select the active adapters frozen (inference_mode) on
     # every layer; its trainability snapshot/restore and _mark_only_adapters_as_trainable leave
     # every other parameter as it was for plain LoRA.
@@ -228,13 +239,37 @@ def attach(index: LoraIndex, prepared: PreparedLora, name: str) -> bool:
         layer.set_adapter(active, inference_mode=True)
     tuner.active_adapter = active
     for _, layer in targets:
-        # add_adapter's autocast (bf16/fp16 -> fp32), before load_adapter copies the weights in.
-        cast_adapter_dtype(layer, adapter_name=name, autocast_adapter_dtype=True)
-    with torch.no_grad():
-        for key, (layer, attr, _) in expected.items():
-            getattr(layer, attr)[name].weight.copy_(tensors[key])  # as load_state_dict copies
-    for _, layer in targets:
         # load_adapter ends with eval(); the model was in eval mode, only the new modules are not.
         for attr in ("lora_A", "lora_B", "lora_dropout"):
             getattr(layer, attr)[name].eval()
     return True
+
+
+def _destination(layer: Any) -> tuple[torch.device, torch.dtype]:
+    """Where PEFT's load leaves a LoRA weight of ``layer``: the base layer's device (the CPU
+    when it has none), in the base layer's float dtype (``compute_dtype`` for 4-bit layers) or
+    float32, upcast to float32 when narrower (``cast_adapter_dtype``)."""
+    device, dtype = layer._get_base_layer_device_and_dtype(layer.get_base_layer())
+    if dtype is None or not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    if dtype.itemsize < 4:
+        dtype = torch.float32
+    return torch.device("cpu") if device is None else device, dtype
+
+
+def _place(
+    items: dict[str, tuple[torch.Tensor, torch.device, torch.dtype]],
+) -> dict[str, torch.Tensor]:
+    """Each tensor converted to its dtype and moved to its device, one copy per (device, dtype):
+    a few hundred small host-to-device copies cost more than one large one."""
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for key, (_, device, dtype) in items.items():
+        groups.setdefault((device, dtype), []).append(key)
+    placed: dict[str, torch.Tensor] = {}
+    for (device, dtype), keys in groups.items():
+        sources = [items[key][0] for key in keys]
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in sources]).to(device)
+        parts = flat.split([t.numel() for t in sources])
+        for key, source, part in zip(keys, sources, parts, strict=True):
+            placed[key] = part.view(source.shape)
+    return placed
