@@ -196,6 +196,9 @@ class LoopConfig:
     """Label smoothing of the three-way cross-entropy."""
     optimizer: Optimizer = "adamw_torch"
     """transformers optimizer name; ``adamw_torch_fused`` saves kernel launches on GPU."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the LoRA B matrices learn at this multiple of ``learning_rate`` (the A matrices at
+    ``learning_rate``; peft's ``create_loraplus_optimizer``). None: one rate for all."""
     precision: Precision = "auto"
     """``auto``: bf16 autocast on GPUs that support it, else fp32."""
     group_by_length: bool = True
@@ -227,6 +230,10 @@ class LoopConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(
                 f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1:
+            raise ConfigError(
+                f"train.loraplus_lr_ratio must be >= 1 or null, got {self.loraplus_lr_ratio}"
             )
         if self.weight_decay < 0 or self.dataloader_workers < 0:
             raise ConfigError("train.weight_decay and train.dataloader_workers must be >= 0")

@@ -283,6 +283,7 @@ def _fit(
         callbacks=extra + callbacks,
         label_smoothing=cfg.train.label_smoothing,
         length_grouping=cfg.train.group_by_length,
+        loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
     )
     logger.info(
         "training %s on %s: %d examples, batch %d x %d accumulation x %d process(es), bf16 %s",

@@ -52,17 +52,40 @@ class NLITrainer(Trainer):
         *args: Any,
         label_smoothing: float = 0.0,
         length_grouping: bool = True,
+        loraplus_lr_ratio: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.label_smoothing = label_smoothing
         self.length_grouping = length_grouping
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         # Trainer inspects the *base* model's forward (which takes **kwargs) and would then treat
         # our loss as already normalised over the accumulated batch and count label tokens for
         # it (an extra all-gather per step under DDP). Neither applies to a per-example loss.
         self.model_accepts_loss_kwargs = False
         self.examples_seen = 0
         self.eval_seconds = 0.0
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """Trainer's optimizer, or with ``loraplus_lr_ratio`` peft's LoRA+ parameter groups
+        (B matrices at that multiple of the learning rate) for the same optimizer class."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        # LabelScoringModel around the PeftModel: the groups go by parameter names ("lora_B").
+        opt_model: Any = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs.pop("lr", None)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            optimizer_cls,
+            lr=self.args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
+        return self.optimizer
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         # Trainer's own length grouping draws its order from the global RNG at each epoch start,

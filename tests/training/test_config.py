@@ -92,6 +92,7 @@ def test_a_single_target_module_stays_a_name() -> None:
         ("train.group_by_length=maybe", "expected true or false"),
         ("train.precision=fp16", "train.precision must be one of auto, bf16, fp32"),
         ("lora.dropout=1.5", "lora.dropout must be in [0, 1)"),
+        ("train.loraplus_lr_ratio=0.5", "train.loraplus_lr_ratio must be >= 1 or null"),
         ("model.quantization=int8", "model.quantization must be one of nf4, none"),
         ("model.device=gpu", "model.device must be auto, cpu, cuda or cuda:N"),
         ("data.dev_rows=2000", "data.dev_rows: expected 'start:stop'"),

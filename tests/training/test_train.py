@@ -341,3 +341,46 @@ def test_dequantized_frozen_base_trains_exactly_like_the_4bit_one(
     assert outputs[0].abs().max() > 0
     for name in trainable:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-3)
+
+
+class CaptureOptimizer(TrainerCallback):
+    """The optimizer's parameter groups (names and learning rates) after the first step."""
+
+    groups: list[tuple[set[str], float]] | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.groups is None:
+            names = {id(p): n for n, p in kwargs["model"].named_parameters()}
+            self.groups = [
+                ({names[id(p)] for p in group["params"]}, group["lr"])
+                for group in kwargs["optimizer"].param_groups
+                if group["params"]
+            ]
+
+
+@pytest.mark.parametrize("ratio", [None, 8.0])
+def test_loraplus_gives_the_b_matrices_their_own_rate(
+    tmp_path: Path, tiny_recipe: RecipeWriter, ratio: float | None
+) -> None:
+    recipe = tiny_recipe(
+        tmp_path, train={"max_steps": 2, "loraplus_lr_ratio": ratio}, eval={"strategy": "steps"}
+    )
+    capture = CaptureOptimizer()
+    run_training(load_config(recipe), callbacks=[capture], progress=False)
+    assert capture.groups is not None
+    by_kind = {
+        kind: {lr for names, lr in capture.groups if any(f".{kind}." in n for n in names)}
+        for kind in ("lora_A", "lora_B")
+    }
+    if ratio is not None:  # no group mixes A and B matrices
+        assert not any(
+            any(".lora_A." in n for n in names) and any(".lora_B." in n for n in names)
+            for names, _ in capture.groups
+        )
+    # Every trainable matrix is in exactly one group.
+    assert sum(len(names) for names, _ in capture.groups) == len(
+        {n for names, _ in capture.groups for n in names}
+    )
+    (lr_a,), (lr_b,) = by_kind["lora_A"], by_kind["lora_B"]
+    assert lr_a > 0
+    assert lr_b == pytest.approx(lr_a * (ratio or 1.0))
