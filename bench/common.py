@@ -21,7 +21,7 @@ MODEL_CHOICES = "smollm2 | qwen2-1.5b | a model folder"
 
 
 def random_qwen2_dir() -> Path:
-    """Where the random Qwen2-1.5B-shaped model lives (the same place eval_throughput uses)."""
+    """Where the random Qwen2-1.5B-shaped model lives (built once per machine, for every bench)."""
     return Path(tempfile.gettempdir()) / "qwen2-1.5b-random"
 
 

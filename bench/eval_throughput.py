@@ -19,31 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.common import git_commit, resolve_model
 from nli.classifier import NLIClassifier
 from nli.data import read_nli_file
-from nli.default_model import DEFAULT_BASE_MODEL, ensure_default_model
 from nli.evaluation import evaluate_dataset
 from nli.loading import load_base_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli" / "test.jsonl"
-
-
-def resolve_model(name: str) -> str:
-    if name == "smollm2":
-        return DEFAULT_BASE_MODEL
-    if name == "qwen2-1.5b":
-        from bench.shapes import build_random_qwen2_1_5b
-
-        out = Path(tempfile.gettempdir()) / "qwen2-1.5b-random"
-        return str(build_random_qwen2_1_5b(out, str(ensure_default_model())))
-    return name
 
 
 def sync() -> None:
@@ -151,7 +139,13 @@ def main() -> None:
             }
         )
     card = torch.cuda.get_device_name() if base.device.type == "cuda" else "cpu"
-    result: dict[str, object] = {"model": args.model, "card": card, "results": rows}
+    result: dict[str, object] = {
+        "model": args.model,
+        "card": card,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "results": rows,
+    }
     if args.generate_baseline:
         pairs = [(e.premise, e.hypothesis) for e in data.examples[: args.generate_baseline]]
         result["generate_pairs_per_s"] = round(generate_baseline(classifier, pairs), 2)
