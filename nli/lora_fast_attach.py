@@ -215,8 +215,7 @@ def attach(index: LoraIndex, prepared: PreparedLora, name: str) -> bool:
     tuner._check_new_adapter_config(config)
     # _create_and_replace's call for a module that already is a LoRA layer, with the new LoRA
     # modules made on the meta device: their random initialisation, move to the base layer's
-    # device and float32 cast (most of update_layer's time) would all be overwritten by the
-    # weights below.
+    # device and float32 cast would all be overwritten by the weights below.
     with torch.device("meta"):
         for key, layer in targets:
             tuner._check_target_module_compatiblity(config, model, key.rsplit(".", 1)[-1])
