@@ -250,7 +250,10 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("profile_steps"):
         # Profiled steps come after the timed window: the run grows to fit them.
         extra = spec["profile_steps"]
-        callbacks.append(make_step_profiler(steps, extra, Path(spec["profile_out"])))
+        out = Path(spec["profile_out"])
+        if dist.world_size > 1:  # one table per rank: the ranks wait for each other
+            out = out.with_name(f"{out.stem}-rank{dist.rank}{out.suffix}")
+        callbacks.append(make_step_profiler(steps, extra, out))
         overrides += [
             f"train.max_steps={steps + extra + 1}",
             f"data.max_train_examples={(steps + extra + 2) * per_step}",
@@ -419,7 +422,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             "overrides": args.set,
             "data_dir": str(args.data_dir) if args.data_dir else None,
             "low_memory": kind == "low-memory",
-            "profile_steps": args.profile if kind == "real" else 0,  # not under DDP
+            "profile_steps": args.profile if run == "real" else 0,
         }
         if kind in ("real", "ddp"):
             spec.update(batch_size=args.batch_size or (128 if family == "smollm2" else 64))
@@ -503,7 +506,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="real run: profile N steps after the timed window (table in --log-dir)",
+        help="real (and DDP) runs: profile N steps after the timed window (tables in --log-dir)",
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     parser.add_argument("--log-dir", type=Path, default=None)
@@ -524,7 +527,9 @@ def main() -> None:
     rows = []
     for spec in plan_runs(args):
         spec["base_model"] = base_model
-        spec["profile_out"] = str(log_dir / f"profile-{spec['kind']}-{Path(args.model).name}.txt")
+        ddp = f"-ddp{spec['nproc']}" if spec["nproc"] > 1 else ""
+        name = f"profile-{spec['kind']}-{Path(args.model).name}{ddp}.txt"
+        spec["profile_out"] = str(log_dir / name)
         row = launch(spec, log_dir, args.timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)
