@@ -203,15 +203,28 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     stays random. The batch holding the longest example goes first, so running out of memory
     shows at step 1. Trainer calls ``set_epoch``; the order never touches the global RNG, which
     is what lets a resumed run replay the epoch it was interrupted in.
+
+    Under DDP (``world_size`` > 1) every process draws the same order and takes every
+    ``world_size``-th batch of it (accelerate's batch sharding), so one optimizer step runs
+    ``world_size`` consecutive batches, one per process. Those batches are kept together, as
+    neighbours in one sorted window, when the order is shuffled: the processes of a step then get
+    batches of similar lengths and none waits long for the slowest in the gradient all-reduce.
     """
 
     def __init__(
-        self, lengths: list[int], *, batch_size: int, seed: int, window_batches: int = 64
+        self,
+        lengths: list[int],
+        *,
+        batch_size: int,
+        seed: int,
+        window_batches: int = 64,
+        world_size: int = 1,
     ) -> None:
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.window = batch_size * window_batches
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -233,10 +246,18 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         # A short batch must stay last: the DataLoader cuts the flat order into equal batches.
         short = [b for b in batches if len(b) < self.batch_size]
         full = [b for b in batches if len(b) == self.batch_size]
-        full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        if full:
-            longest = max(range(len(full)), key=lambda i: max(self.lengths[j] for j in full[i]))
-            full[0], full[longest] = full[longest], full[0]
+        # One step's batches (one per process) move together; full batches that do not fill a
+        # step stay at the end, before the short one.
+        cut = len(full) - len(full) % self.world_size
+        steps = [full[i : i + self.world_size] for i in range(0, cut, self.world_size)]
+        rest = full[cut:]
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+        if steps:
+            longest = max(
+                range(len(steps)), key=lambda i: max(self.lengths[j] for b in steps[i] for j in b)
+            )
+            steps[0], steps[longest] = steps[longest], steps[0]
+        full = [batch for step in steps for batch in step] + rest
         return iter([index for batch in full + short for index in batch])
 
 

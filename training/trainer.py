@@ -95,6 +95,7 @@ class NLITrainer(Trainer):
                 list(self.train_dataset["length"]),
                 batch_size=self.args.per_device_train_batch_size,
                 seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                world_size=self.args.world_size,
             )
         return super()._get_train_sampler(*args, **kwargs)
 
@@ -273,6 +274,10 @@ def training_arguments(
         # Every LoRA parameter takes part in every step; searching for unused ones costs a
         # graph traversal per step.
         ddp_find_unused_parameters=False,
+        # A causal LM's buffers (the rotary tables) are constants, equal on every rank: DDP's
+        # broadcast of them at every forward is a wait for rank 0, nothing more (in the profile
+        # of BENCHMARKS.md, "Multi-GPU (DDP)").
+        ddp_broadcast_buffers=False,
         torch_compile=loop.torch_compile,
         disable_tqdm=False,
     )

@@ -79,6 +79,28 @@ def test_sampler_groups_lengths_and_depends_on_seed_and_epoch_only() -> None:
     assert padded < 0.75 * random_padded
 
 
+def test_sampler_gives_the_processes_of_a_step_neighbouring_batches() -> None:
+    # Under DDP each process takes every world_size-th batch of the same order; the batches of
+    # one step come out of one sorted window side by side, so no process waits long for another.
+    rng = random.Random(1)
+    lengths = [rng.randint(10, 200) for _ in range(2000)]
+    order = list(LengthGroupedSampler(lengths, batch_size=16, seed=5, world_size=2))
+    assert sorted(order) == list(range(2000))
+    batches = [order[i : i + 16] for i in range(0, 2000, 16)]
+    spans = [(min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches]
+    for first, second in zip(spans[0:-1:2], spans[1::2], strict=True):
+        assert first[1] <= second[0] or second[1] <= first[0]
+
+    def slowest_over_mean(order: list[int]) -> float:
+        cost = [16 * max(lengths[i] for i in order[s : s + 16]) for s in range(0, 1984, 32)]
+        other = [16 * max(lengths[i] for i in order[s + 16 : s + 32]) for s in range(0, 1984, 32)]
+        return sum(map(max, cost, other)) / (sum(cost + other) / 2)
+
+    ungrouped = list(LengthGroupedSampler(lengths, batch_size=16, seed=5))
+    assert slowest_over_mean(order) < 1.05 < slowest_over_mean(ungrouped)
+    assert max(lengths[i] for i in batches[0] + batches[1]) == max(lengths)
+
+
 def test_collator_matches_scoring_collate() -> None:
     features = [{"input_ids": [5, 6, 7], "labels": 2}, {"input_ids": [8], "labels": 0}]
     batch = LabelCollator(pad_id=1)(features)
