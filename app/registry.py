@@ -235,8 +235,11 @@ class AdapterRegistry:
                 )
         internal = f"nli_{next(self._internal_ids)}"
         try:
+            # Files are read and checked here, while requests are still scored; only attaching
+            # the weights pauses the scoring worker.
+            read = self.classifier.read_adapter(folder, name=name)
             loaded = self.engine.run_exclusive(
-                lambda: self.classifier.attach_adapter(folder, name=internal)
+                lambda: self.classifier.attach_adapter(folder, name=internal, read=read)
             ).result()
         except NLIError:
             raise

@@ -69,6 +69,17 @@ class LoadedAdapter:
     encoder: PairEncoder
 
 
+@dataclass
+class ReadAdapter:
+    """An adapter folder read and checked, not attached yet (``NLIClassifier.read_adapter``)."""
+
+    path: Path
+    manifest: AdapterManifest
+    encoder: PairEncoder
+    prepared: lora_fast_attach.PreparedLora | None  # None: PEFT loads (or refuses) it
+    seconds: float  # time spent reading and checking
+
+
 class NLIClassifier:
     """Scores (premise, hypothesis) pairs with the base model or any attached adapter.
 
@@ -157,23 +168,36 @@ class NLIClassifier:
 
     # -- adapters ---------------------------------------------------------------------------
 
-    def attach_adapter(self, path: str | Path, *, name: str) -> LoadedAdapter:
-        """Load an adapter folder under ``name`` after checking its manifest and base model.
-
-        A plain LoRA adapter whose target modules already hold LoRA layers (an earlier adapter
-        of the same recipe) takes ``nli.lora_fast_attach``, which reads and checks its files
-        before taking the lock and leaves the model as PEFT's ``load_adapter`` would; any other
-        adapter, or one whose files do not fit, is loaded (or refused) through PEFT.
-        """
+    def read_adapter(self, path: str | Path, *, name: str | None = None) -> ReadAdapter:
+        """Read and check an adapter folder (manifest, base model, weights) without touching the
+        model: callers that serialise attaching with scoring (the service) run this first, while
+        the model still scores, and pass the result to ``attach_adapter``. ``name`` is the
+        adapter's name in error messages (default: the folder's)."""
         started = time.perf_counter()
         path = Path(path)
         manifest = read_manifest(path)
-        check_base_model(manifest, self.base.ref, adapter=name)
+        check_base_model(manifest, self.base.ref, adapter=name or path.name)
         encoder = PairEncoder(
             self.tokenizer, get_prompt_format(manifest.prompt_format), max_length=self.max_length
         )
-        prepared = lora_fast_attach.prepare(path)  # file reading and checks, off the lock
-        read = time.perf_counter()
+        prepared = lora_fast_attach.prepare(path)
+        return ReadAdapter(path, manifest, encoder, prepared, time.perf_counter() - started)
+
+    def attach_adapter(
+        self, path: str | Path, *, name: str, read: ReadAdapter | None = None
+    ) -> LoadedAdapter:
+        """Load an adapter folder under ``name`` after checking its manifest and base model.
+
+        ``read``: the folder as ``read_adapter`` returned it (else it is read here first).
+        A plain LoRA adapter whose target modules already hold LoRA layers (an earlier adapter
+        of the same recipe) takes ``nli.lora_fast_attach``, which leaves the model as PEFT's
+        ``load_adapter`` would; any other adapter, or one whose files do not fit, is loaded (or
+        refused) through PEFT.
+        """
+        started = time.perf_counter()
+        if read is None or read.path != Path(path):
+            read = self.read_adapter(path, name=name)
+        path, manifest, encoder, prepared = read.path, read.manifest, read.encoder, read.prepared
         with self._lock:
             if name in self.adapters:
                 raise AdapterConflictError(f"adapter {name!r} is already attached")
@@ -197,12 +221,12 @@ class NLIClassifier:
             self.adapters[name] = loaded
         done = time.perf_counter()
         logger.info(
-            "attached adapter %s from %s in %.1f ms (reading %.1f, waiting %.1f, %s %.1f)",
+            "attached adapter %s from %s: read in %.1f ms, then %.1f ms (waiting %.1f, %s %.1f)",
             name,
             path,
+            1000 * read.seconds,
             1000 * (done - started),
-            1000 * (read - started),
-            1000 * (locked - read),
+            1000 * (locked - started),
             "fast attach" if fast else "PEFT load",
             1000 * (done - locked),
         )

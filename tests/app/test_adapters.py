@@ -243,6 +243,31 @@ def test_corrupt_adapters_are_400_and_change_nothing(
     )
 
 
+def test_adapter_files_are_read_before_the_scoring_worker_pauses(
+    admin: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classifier = admin.app.state.runtime.require_ready().classifier  # type: ignore[attr-defined]
+    threads: dict[str, list[str]] = {"read": [], "attach": []}
+    read_adapter, attach_adapter = classifier.read_adapter, classifier.attach_adapter
+
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        threads["read"].append(threading.current_thread().name)
+        return read_adapter(*args, **kwargs)
+
+    def attaching(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs["read"] is not None  # the registry's read, not a second one
+        threads["attach"].append(threading.current_thread().name)
+        return attach_adapter(*args, **kwargs)
+
+    monkeypatch.setattr(classifier, "read_adapter", reading)
+    monkeypatch.setattr(classifier, "attach_adapter", attaching)
+    assert admin.post("/adapters", json={"name": "alpha"}).status_code == 200
+    assert len(threads["read"]) == len(threads["attach"]) == 1
+    # attach runs on the scoring worker (between two forward passes); reading ran before it,
+    # on the request's thread, while requests could still be scored.
+    assert threads["read"][0] != threads["attach"][0]
+
+
 def test_swap_and_unload_wait_for_requests_already_routed(
     admin: TestClient, root: Path, adapter_store: Path, reference: Scores
 ) -> None:
