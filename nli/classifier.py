@@ -194,9 +194,9 @@ class NLIClassifier:
         ``load_adapter`` would; any other adapter, or one whose files do not fit, is loaded (or
         refused) through PEFT.
         """
-        started = time.perf_counter()
         if read is None or read.path != Path(path):
             read = self.read_adapter(path, name=name)
+        started = time.perf_counter()
         path, manifest, encoder, prepared = read.path, read.manifest, read.encoder, read.prepared
         with self._lock:
             if name in self.adapters:
