@@ -387,8 +387,10 @@ def worker(spec_json: str, result_path: Path) -> None:
     spec = json.loads(spec_json)
     if spec.get("data_dir"):
         os.environ["NLI_SNLI_DIR"] = spec["data_dir"]
+    from training.train import Distributed
+
     result = run_naive(spec) if spec["kind"] == "naive" else run_real(spec)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+    if Distributed.from_env().rank == 0:  # under torchrun, rank 0 speaks for the job
         result_path.write_text(json.dumps(result) + "\n")
 
 
@@ -436,10 +438,14 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return runs
 
 
+def run_name(spec: dict[str, Any]) -> str:
+    """``real-smollm2``, ``real-smollm2-ddp2``, ...: names the run's row, log and profile."""
+    ddp = f"-ddp{spec['nproc']}" if spec["nproc"] > 1 else ""
+    return f"{spec['kind']}-{Path(spec['model']).name}{ddp}"
+
+
 def launch(spec: dict[str, Any], log_dir: Path, timeout: float) -> dict[str, Any]:
-    name = f"{spec['kind']}-{Path(spec['model']).name}"
-    if spec["nproc"] > 1:
-        name += f"-ddp{spec['nproc']}"
+    name = run_name(spec)
     result_path = log_dir / f"train-{name}.json"
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "bench.train_throughput", "--worker", json.dumps(spec)]
@@ -527,9 +533,7 @@ def main() -> None:
     rows = []
     for spec in plan_runs(args):
         spec["base_model"] = base_model
-        ddp = f"-ddp{spec['nproc']}" if spec["nproc"] > 1 else ""
-        name = f"profile-{spec['kind']}-{Path(args.model).name}{ddp}.txt"
-        spec["profile_out"] = str(log_dir / name)
+        spec["profile_out"] = str(log_dir / f"profile-{run_name(spec)}.txt")
         row = launch(spec, log_dir, args.timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)
