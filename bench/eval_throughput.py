@@ -10,9 +10,10 @@ With ``--generate-baseline N`` it also times a naive per-pair ``generate`` on N 
 
 Speed levers of ``NLIClassifier``, each switchable so one run measures them side by side:
 ``prefix`` (shared-prefix key/value cache), ``overlap`` (tokenise chunks on a thread while the
-GPU scores; ``--encode-chunk``), ``compile`` (``torch.compile`` of the decoder forward, CUDA
-only; the warm-up pass includes the compilation). ``--configs`` runs several lever sets in one
-process (``plain`` = none of them); without it, the flags pick one set.
+GPU scores; ``--encode-chunk``), ``compile`` (``torch.compile``, CUDA only, of one decoder layer
+shared by all layers, ``nli.layer_compile``; the warm-up pass includes the compilation) or
+``compile-decoder`` (of the decoder's whole forward, as before that module). ``--configs`` runs
+several lever sets in one process (``plain`` = none of them); without it, the flags pick one set.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def generate_baseline(classifier: NLIClassifier, pairs: list[tuple[str, str]]) -
     return len(pairs) / (time.perf_counter() - start)
 
 
-LEVERS = ("prefix", "overlap", "compile")
+LEVERS = ("prefix", "overlap", "compile", "compile-decoder")
 
 
 def parse_config(text: str) -> set[str]:
@@ -62,6 +63,8 @@ def parse_config(text: str) -> set[str]:
     unknown = levers - set(LEVERS)
     if unknown:
         raise SystemExit(f"unknown lever(s) {sorted(unknown)} in {text!r} (known: {LEVERS})")
+    if {"compile", "compile-decoder"} <= levers:
+        raise SystemExit(f"{text!r}: pick one of compile and compile-decoder")
     return levers
 
 
@@ -80,8 +83,9 @@ def main() -> None:
         help="cache the prompt template's prefix key/values (default on; without --configs)",
     )  # fmt: skip
     parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the decoder (CUDA; without --configs)"
-    )
+        "--compile", action="store_true",
+        help="torch.compile the decoder, layer by layer (CUDA; without --configs)",
+    )  # fmt: skip
     parser.add_argument(
         "--encode-chunk", type=int, default=None,
         help="pairs tokenised per background chunk while the GPU scores (0: all first; "
@@ -104,7 +108,11 @@ def main() -> None:
         levers = parse_config(text)
         name = "+".join(lever for lever in LEVERS if lever in levers) or "plain"
         chunk = (args.encode_chunk or 4096) if "overlap" in levers else 0
-        options = {"prefix_cache": "prefix" in levers, "compile": "compile" in levers}
+        options = {
+            "prefix_cache": "prefix" in levers,
+            "compile": bool({"compile", "compile-decoder"} & levers),
+            "compile_scope": "decoder" if "compile-decoder" in levers else "layers",
+        }
         configs.append((name, {**options, "encode_chunk_size": chunk}))
 
     base = load_base_model(resolve_model(args.model), device=args.device)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch
 from nli import lora_fast_attach
 from nli.cuda_graphs import GraphSettings, SmallBatchGraphs
 from nli.errors import AdapterConflictError, AdapterInvalidError, AdapterNotFoundError
+from nli.layer_compile import LayerCompiledDecoder
 from nli.loading import LoadedBase, free_device_memory, keep_cpu_packed_weights
 from nli.manifest import (
     PEFT_CONFIG_FILE,
@@ -28,6 +29,7 @@ from nli.manifest import (
 from nli.prefix_cache import (
     PrefixCache,
     PrefixStates,
+    cache_argument,
     compute_prefix_states,
     prefixed_label_logits,
     supports_prefix_cache,
@@ -57,6 +59,9 @@ def _is_embedding_layer_key(key: str) -> bool:
 
     module = key.removesuffix(".weight").removesuffix(".base_layer")
     return "lora_" not in key and module.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+
+
+CompileScope = Literal["layers", "decoder"]  # what NLIClassifier(compile=True) compiles
 
 
 @dataclass
@@ -92,11 +97,14 @@ class NLIClassifier:
 
     - ``prefix_cache``: the prompt template's opening tokens (``PairEncoder.prefix``) run once
       per adapter; each forward runs only the rest of every prompt (``nli.prefix_cache``).
-    - ``compile``: ``torch.compile(decoder.forward, dynamic=True)`` on CUDA (ignored on CPU).
+    - ``compile``: ``torch.compile`` with dynamic shapes on CUDA (ignored on CPU), by
+      ``compile_scope``: ``"layers"`` (default) compiles one decoder layer's forward and runs
+      every layer through it (``nli.layer_compile``: one trace instead of one per layer);
+      ``"decoder"`` compiles the decoder's whole forward (a cold compile several times longer).
       Attaching or detaching an adapter, or switching between adapters, changes the modules the
-      compiled code guards on, so the next forward recompiles (tens of seconds): meant for
-      evaluation runs with a fixed adapter set, not for a service that hot-swaps adapters.
-      Batches mixing adapters run eagerly.
+      compiled code guards on, so the next forward recompiles: meant for evaluation runs with a
+      fixed adapter set, not for a service that hot-swaps adapters. Batches mixing adapters run
+      eagerly.
     - ``cuda_graphs``: batches of up to ``graph_settings.max_batch`` rows that share one adapter
       replay a CUDA graph per shape bucket instead of launching each kernel
       (``nli.cuda_graphs``; CUDA only). Adapters reach the graphs through one LoRA slot, so
@@ -115,6 +123,7 @@ class NLIClassifier:
         max_tokens_per_batch: int = 16384,
         prefix_cache: bool = True,
         compile: bool = False,
+        compile_scope: CompileScope = "layers",
         cuda_graphs: bool = False,
         graph_settings: GraphSettings | None = None,
         encode_chunk_size: int | None = None,
@@ -148,6 +157,9 @@ class NLIClassifier:
         # (the decoder, its compiled forward), made on first use
         self._compiled: tuple[Any, Callable[..., Any]] | None = None
         self.compile = compile and self.device.type == "cuda"
+        if compile_scope not in ("layers", "decoder"):
+            raise ValueError(f"compile_scope must be 'layers' or 'decoder', not {compile_scope!r}")
+        self.compile_scope: CompileScope = compile_scope
         if compile and not self.compile:
             logger.info(
                 "compile=True ignored on %s: torch.compile is only used on CUDA", self.device
@@ -590,8 +602,17 @@ class NLIClassifier:
         causal_lm, _ = split_peft(self.model)
         decoder = causal_lm.get_decoder()
         if self._compiled is None or self._compiled[0] is not decoder:
-            # Compiling the decoder module itself would be bypassed (callers reach its forward
-            # through get_decoder()); compiling the bound forward is what takes effect.
-            logger.info("compiling the decoder forward (dynamic shapes); the first batch waits")
-            self._compiled = (decoder, torch.compile(decoder.forward, dynamic=True))
+            logger.info(
+                "compiling the decoder (%s, dynamic shapes); the first batch waits",
+                "one shared layer forward" if self.compile_scope == "layers" else "whole forward",
+            )
+            forward: Callable[..., Any]
+            if self.compile_scope == "layers":
+                name = cache_argument(decoder) if self.prefix_cache is not None else ""
+                forward = LayerCompiledDecoder(decoder, name)
+            else:
+                # Compiling the decoder module itself would be bypassed (callers reach its
+                # forward through get_decoder()); compiling the bound forward takes effect.
+                forward = torch.compile(decoder.forward, dynamic=True)
+            self._compiled = (decoder, forward)
         return self._compiled[1]

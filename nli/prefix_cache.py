@@ -58,7 +58,8 @@ def _cache_argument_of(decoder_cls: Any) -> str:
     return _CACHE_ARGUMENTS[decoder_cls]
 
 
-def _cache_argument(decoder: Any) -> str:
+def cache_argument(decoder: Any) -> str:
+    """The name of the decoder's key/value cache argument (``ValueError`` if it takes none)."""
     name = _cache_argument_of(type(decoder))
     if not name:
         raise ValueError(f"{type(decoder).__name__}.forward takes no key/value cache")
@@ -90,7 +91,7 @@ def compute_prefix_states(model: Any, ids: Sequence[int], *, device: torch.devic
     decoder = causal_lm.get_decoder()
     cache = DynamicCache()
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    kwargs: dict[str, Any] = {_cache_argument(decoder): cache, "use_cache": True}
+    kwargs: dict[str, Any] = {cache_argument(decoder): cache, "use_cache": True}
     decoder_hidden_states(model, input_ids, None, **kwargs)
     layers: list[Any] = list(cache.layers)
     return PrefixStates(
@@ -187,7 +188,7 @@ def prefixed_label_logits(
     cache = _prefilled_cache(prefixes, rows, len(batch))
     total = batch.input_ids.shape[1]
     positions = torch.arange(length, total, device=batch.input_ids.device)[None]
-    kwargs: dict[str, Any] = {_cache_argument(decoder): cache, "use_cache": True}
+    kwargs: dict[str, Any] = {cache_argument(decoder): cache, "use_cache": True}
     _, hidden = decoder_hidden_states(
         model,
         batch.input_ids[:, length:],

@@ -1,0 +1,103 @@
+"""Per-layer compile: one traced graph serves every decoder layer, and scores do not change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from nli.classifier import NLIClassifier
+from nli.layer_compile import LayerCompiledDecoder
+from nli.loading import LoadedBase
+from nli.prefix_cache import cache_argument, compute_prefix_states, prefixed_label_logits
+from nli.scoring import collate, label_logits, split_peft
+
+PAIRS = [
+    ("a man is playing guitar in the park", "a man plays music"),
+    ("two dogs are running on the beach", "the dogs are not outside"),
+    ("a woman", "a young woman is eating at a big red table in the street with a child"),
+    ("the child is sitting", "a child is sitting"),
+]
+
+
+def decoder_of(base: LoadedBase) -> Any:
+    return split_peft(base.model)[0].get_decoder()
+
+
+def prefixed_scores(
+    base: LoadedBase, pairs: list[tuple[str, str]], forward: Callable[..., Any] | None
+) -> np.ndarray:
+    classifier = NLIClassifier(base)
+    encoder = classifier.base_encoder
+    batch = collate(encoder.encode(pairs), pad_id=classifier.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        prefix = compute_prefix_states(base.model, encoder.prefix, device=classifier.device)
+        logits = prefixed_label_logits(
+            base.model, batch, classifier.tokens, [prefix], decoder_forward=forward
+        )
+    return logits.float().numpy()
+
+
+@pytest.fixture
+def fresh_dynamo() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_every_layer_shares_one_graph_and_scores_match(base: LoadedBase) -> None:
+    decoder = decoder_of(base)
+    assert len(decoder.layers) > 1
+    compiled = LayerCompiledDecoder(decoder, cache_argument(decoder), backend="eager")
+    expected = prefixed_scores(base, PAIRS, None)
+    got = prefixed_scores(base, PAIRS, compiled)
+    np.testing.assert_array_equal(got, expected)  # the eager backend runs the same operations
+    assert counters["stats"]["unique_graphs"] == 1  # not one per layer
+    # another batch size and length reuses it (dynamic shapes)
+    prefixed_scores(base, PAIRS[:3], compiled)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"]
+    assert all("forward" not in vars(layer) for layer in decoder.layers)  # restored
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_without_a_cache_the_layers_share_one_graph_too(base: LoadedBase) -> None:
+    decoder = decoder_of(base)
+    compiled = LayerCompiledDecoder(decoder, "", backend="eager")
+    classifier = NLIClassifier(base)
+    batch = collate(classifier.base_encoder.encode(PAIRS), pad_id=classifier.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        expected = label_logits(base.model, batch, classifier.tokens)
+        got = label_logits(base.model, batch, classifier.tokens, decoder_forward=compiled)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_layers_are_restored_when_the_forward_fails(base: LoadedBase) -> None:
+    decoder = decoder_of(base)
+    compiled = LayerCompiledDecoder(decoder, cache_argument(decoder), backend="eager")
+    with pytest.raises((RuntimeError, IndexError)), torch.inference_mode():
+        compiled(input_ids=torch.full((1, 3), 10**6), attention_mask=None)  # ids out of range
+    assert all("forward" not in vars(layer) for layer in decoder.layers)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_inductor_compiled_layers_agree_with_eager(base: LoadedBase) -> None:
+    """The real backend (CPU Inductor here; CUDA in the benchmarks): equal up to bf16 rounding."""
+    decoder = decoder_of(base)
+    compiled = LayerCompiledDecoder(decoder, cache_argument(decoder))
+    expected = prefixed_scores(base, PAIRS, None)
+    got = prefixed_scores(base, PAIRS, compiled)
+    np.testing.assert_allclose(got, expected, atol=0.05)
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_scope_is_checked(base: LoadedBase) -> None:
+    with pytest.raises(ValueError, match="compile_scope"):
+        NLIClassifier(base, compile_scope="model")  # type: ignore[arg-type]
