@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass")
     evaluate.add_argument("--max-length", type=int, default=512, help="token budget per pair")
+    evaluate.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoder (CUDA only; ~15 s once, then faster batches: "
+        "worth it from tens of thousands of pairs, see BENCHMARKS.md)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -165,6 +171,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        compile=args.compile,
         progress=not args.no_progress,
     )
     if args.json:

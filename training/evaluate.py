@@ -62,14 +62,20 @@ def build_classifier(
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int = 512,
+    compile: bool = False,
 ) -> NLIClassifier:
-    """Load a base model for scoring (the serving configuration) into a classifier."""
+    """Load a base model for scoring (the serving configuration) into a classifier.
+
+    ``compile``: ``torch.compile`` one decoder layer for all layers (CUDA only; see
+    ``NLIClassifier``).
+    """
     base = load_base_model(base_model, quantization=quantization, device=device)  # type: ignore[arg-type]
     return NLIClassifier(
         base,
         max_length=max_length,
         max_batch_size=batch_size,
         max_tokens_per_batch=batch_size * TOKENS_PER_ROW,
+        compile=compile,
     )
 
 
@@ -112,6 +118,7 @@ def run_evaluation(
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int = 512,
+    compile: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """``nli-train evaluate``: score a file or hub split with the base model or an adapter.
@@ -130,6 +137,7 @@ def run_evaluation(
         device=device,
         batch_size=batch_size,
         max_length=max_length,
+        compile=compile,
     )
     scored: str | None = None
     if adapter is not None:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +84,33 @@ def test_column_mapping_from_the_command_line(
     assert (report["n"], report["dropped"], report["adapter"]) == (12, 1, "base")
     assert report["base"] is None and report["cases"] is None
     assert 0 <= report["metrics"]["accuracy"] <= 1
+
+
+def test_evaluate_compile_reaches_the_classifier(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_llama_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import training.evaluate
+
+    seen: list[dict[str, Any]] = []
+    real = training.evaluate.NLIClassifier
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.evaluate, "NLIClassifier", spy)
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(6, seed=3))
+    common = ["evaluate", "--data", str(data), "--base-model", str(tiny_llama_dir)]
+    code, out, err = run_cli(capsys, *common, "--device", "cpu", "--no-progress", "--compile")
+    assert code == 0, err
+    assert seen[-1]["compile"] is True  # on the CPU the classifier then ignores it
+    assert "6 pairs" in out
+    code, _, err = run_cli(capsys, *common, "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    assert seen[-1]["compile"] is False
 
 
 @pytest.mark.parametrize(
