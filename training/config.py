@@ -212,7 +212,8 @@ class LoopConfig:
     report_to: ReportTo = "tensorboard"
     """Where metrics go besides the log; TensorBoard logs land in ``<output>.work/runs``."""
     torch_compile: bool = False
-    """Compile the model with ``torch.compile`` (experimental with 4-bit layers)."""
+    """``torch.compile`` each decoder layer (one graph shared by all layers, dynamic shapes;
+    ``training.model.compile_decoder_layers``). The first step waits for the compile."""
 
     def __post_init__(self) -> None:
         _positive(

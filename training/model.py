@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 
 from nli.loading import LoadedBase, dequantize_4bit_linears, is_4bit, load_base_model
-from nli.scoring import EncodedBatch, LabelTokens, label_logits, label_tokens
+from nli.scoring import EncodedBatch, LabelTokens, label_logits, label_tokens, split_peft
 from training.config import LoraSettings, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,26 @@ def skip_lora_input_casts(model: torch.nn.Module) -> int:
             module.cast_input_dtype_enabled = False  # type: ignore[assignment]
             count += 1
     return count
+
+
+def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor") -> int:
+    """``torch.compile`` each decoder layer, with dynamic shapes; return how many.
+
+    The layers run the same code on weights of the same shapes, and compiled code is kept per
+    code object and guarded on what the layer holds, not on which layer it is, so the layers
+    share one compiled graph (two: the first layer's input does not require grad, the others'
+    do): the cold compile costs about one layer's, not the whole model's. Dynamic shapes keep
+    length-grouped batches from recompiling per length, which made compiling the whole model
+    (Trainer's ``torch_compile``) unusable here. The module tree and state dict are unchanged.
+    """
+    decoder = split_peft(model)[0].get_decoder()
+    for layer in decoder.layers:
+        layer.compile(dynamic=True, backend=backend)
+    logger.info(
+        "compiling the %d decoder layers (one shared graph); the first step waits",
+        len(decoder.layers),
+    )
+    return len(decoder.layers)
 
 
 def parameter_counts(model: PeftModel) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from training.evaluate import adapter_name, build_classifier, score_data
 from training.model import (
     LabelScoringModel,
     build_training_model,
+    compile_decoder_layers,
     lora_summary,
     parameter_counts,
     skip_lora_input_casts,
@@ -250,6 +251,8 @@ def _fit(
     base, model = build_training_model(cfg.model, cfg.lora, device=training_device(cfg, dist))
     if use_bf16(cfg, base.device):
         skip_lora_input_casts(model)
+    if cfg.train.torch_compile:
+        compile_decoder_layers(model)
     encoder = PairEncoder(
         base.tokenizer, get_prompt_format(cfg.model.prompt_format), max_length=cfg.model.max_length
     )

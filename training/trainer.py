@@ -278,7 +278,6 @@ def training_arguments(
         # broadcast of them at every forward is a wait for rank 0, nothing more (in the profile
         # of BENCHMARKS.md, "Multi-GPU (DDP)").
         ddp_broadcast_buffers=False,
-        torch_compile=loop.torch_compile,
         disable_tqdm=False,
     )
     return one_gpu_per_process(TrainingArguments(**kwargs), world_size=world_size)

@@ -384,3 +384,63 @@ def test_loraplus_gives_the_b_matrices_their_own_rate(
     (lr_a,), (lr_b,) = by_kind["lora_A"], by_kind["lora_B"]
     assert lr_a > 0
     assert lr_b == pytest.approx(lr_a * (ratio or 1.0))
+
+
+def test_compiled_layers_train_like_eager_ones_and_share_one_graph(
+    tiny_recipe: RecipeWriter, tmp_path: Path
+) -> None:
+    """``train.torch_compile``: the layers share compiled code (not one graph per layer), batches
+    of new lengths do not recompile, and loss and gradients are those of the eager model."""
+    from torch._dynamo.utils import counters
+
+    from training.model import build_training_model, compile_decoder_layers
+
+    cfg = load_config(tiny_recipe(tmp_path, model={"dequantize_frozen": True}))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        base, model = build_training_model(cfg.model, cfg.lora, device="cpu")
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.normal_(std=0.05)  # B starts at zero: make the LoRA path matter
+        models.append(model)
+    eager, compiled = models
+    keys = list(compiled.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    layers = compile_decoder_layers(compiled, backend="eager")
+    assert layers > 1 and list(compiled.state_dict()) == keys
+    encoder = PairEncoder(base.tokenizer, get_prompt_format(1), max_length=cfg.model.max_length)
+    pairs = [("a man is in the park", "a dog runs"), ("the child sits", "a red car is old")]
+    for batch_pairs in (pairs, pairs + [("two women talk", "nobody speaks at all today")]):
+        batch = collate(encoder.encode(batch_pairs), pad_id=base.tokenizer.pad_token_id)
+        labels = torch.arange(len(batch_pairs)) % 3
+        for model in (eager, compiled):
+            model.zero_grad()
+            logits = model(batch.input_ids, batch.attention_mask, batch.last_index)
+            torch.nn.functional.cross_entropy(logits, labels).backward()
+        for (name, p_eager), (_, p_compiled) in zip(
+            eager.named_parameters(), compiled.named_parameters(), strict=True
+        ):
+            if p_eager.requires_grad:
+                torch.testing.assert_close(p_compiled.grad, p_eager.grad, msg=name)
+    # Two graphs whatever the layer count: the first layer's input does not require grad.
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["recompiles"]
+
+
+def test_torch_compile_setting_compiles_the_layers(
+    tmp_path: Path, tiny_recipe: RecipeWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = train_module.compile_decoder_layers
+
+    def eager_compile(model: Any) -> int:
+        calls.append(real(model, backend="eager"))
+        return calls[-1]
+
+    monkeypatch.setattr(train_module, "compile_decoder_layers", eager_compile)
+    recipe = tiny_recipe(tmp_path, train={"max_steps": 2, "torch_compile": True})
+    assert run_training(load_config(recipe), progress=False) is not None
+    assert calls and calls[0] > 1
