@@ -95,6 +95,17 @@ class LayerCompiledDecoder:
         return forward
 
 
+def disable_duck_shapes() -> None:
+    """For the rest of the process, compiled code gives equal sizes no shared symbol.
+
+    For compiles that start where no context manager can reach (inside ``Trainer``).
+    """
+    from torch.fx.experimental import _config as fx_config
+
+    if hasattr(fx_config, "use_duck_shape"):
+        fx_config.use_duck_shape = False
+
+
 def _no_duck_shapes() -> contextlib.AbstractContextManager[Any]:
     # A private PyTorch setting (torch 2.13): without it, the cost is an occasional recompile.
     from torch.fx.experimental import _config as fx_config

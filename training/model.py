@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 
+from nli.layer_compile import disable_duck_shapes
 from nli.loading import LoadedBase, dequantize_4bit_linears, is_4bit, load_base_model
 from nli.scoring import EncodedBatch, LabelTokens, label_logits, label_tokens, split_peft
 from training.config import LoraSettings, ModelConfig
@@ -137,6 +138,9 @@ def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor")
     decoder = split_peft(model)[0].get_decoder()
     for layer in decoder.layers:
         layer.compile(dynamic=True, backend=backend)
+    # Equal sizes (batch 128 and a 128-token batch, 64 tokens and the head size) would share
+    # one symbol, and its specialisation would recompile at the next length.
+    disable_duck_shapes()
     logger.info(
         "compiling the %d decoder layers (one shared graph); the first step waits",
         len(decoder.layers),

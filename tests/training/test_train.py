@@ -386,6 +386,15 @@ def test_loraplus_gives_the_b_matrices_their_own_rate(
     assert lr_b == pytest.approx(lr_a * (ratio or 1.0))
 
 
+@pytest.fixture
+def restore_duck_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_decoder_layers`` turns duck shapes off for the process: not for other tests."""
+    from torch.fx.experimental import _config as fx_config
+
+    monkeypatch.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)
+
+
+@pytest.mark.usefixtures("restore_duck_shapes")
 def test_compiled_layers_train_like_eager_ones_and_share_one_graph(
     tiny_recipe: RecipeWriter, tmp_path: Path
 ) -> None:
@@ -430,6 +439,7 @@ def test_compiled_layers_train_like_eager_ones_and_share_one_graph(
     assert not counters["recompiles"]
 
 
+@pytest.mark.usefixtures("restore_duck_shapes")
 def test_torch_compile_setting_compiles_the_layers(
     tmp_path: Path, tiny_recipe: RecipeWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
