@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -387,11 +388,13 @@ def test_loraplus_gives_the_b_matrices_their_own_rate(
 
 
 @pytest.fixture
-def restore_duck_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+def restore_duck_shapes() -> Iterator[None]:
     """``compile_decoder_layers`` turns duck shapes off for the process: not for other tests."""
     from torch.fx.experimental import _config as fx_config
 
-    monkeypatch.setattr(fx_config, "use_duck_shape", fx_config.use_duck_shape)
+    before = fx_config.use_duck_shape
+    yield
+    fx_config.use_duck_shape = before
 
 
 @pytest.mark.usefixtures("restore_duck_shapes")
@@ -420,6 +423,9 @@ def test_compiled_layers_train_like_eager_ones_and_share_one_graph(
     counters.clear()
     layers = compile_decoder_layers(compiled, backend="eager")
     assert layers > 1 and list(compiled.state_dict()) == keys
+    from torch.fx.experimental import _config as fx_config
+
+    assert not fx_config.use_duck_shape  # batch 128 and 128 tokens would share a symbol
     encoder = PairEncoder(base.tokenizer, get_prompt_format(1), max_length=cfg.model.max_length)
     pairs = [("a man is in the park", "a dog runs"), ("the child sits", "a red car is old")]
     for batch_pairs in (pairs, pairs + [("two women talk", "nobody speaks at all today")]):
