@@ -73,17 +73,22 @@ class EncodedBatch:
 
 
 def collate(
-    sequences: Sequence[Sequence[int]], *, pad_id: int, device: torch.device | str = "cpu"
+    sequences: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    pad_to_multiple_of: int = 1,
 ) -> EncodedBatch:
     """Right-pad sequences into one batch (right padding keeps every row's positions intact).
 
     Padding is one vectorised numpy scatter rather than a per-row loop. On CUDA the ids travel
     from pinned memory without blocking, and the mask and answer positions are derived on the
-    device, so building the next batch overlaps the current forward.
+    device, so building the next batch overlaps the current forward. ``pad_to_multiple_of``
+    rounds the padded length up (compiled code specialises on a length's alignment).
     """
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
     flat = np.array(list(itertools.chain.from_iterable(sequences)), dtype=np.int64)
-    longest = int(lengths.max())
+    longest = -(-int(lengths.max()) // pad_to_multiple_of) * pad_to_multiple_of
     filled = np.arange(longest) < lengths[:, None]
     ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
     ids[filled] = flat  # row-major order: each row's tokens, then its padding

@@ -263,12 +263,21 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 
 @dataclass
 class LabelCollator:
-    """Right-pads a batch with ``nli.scoring.collate`` (the padding serving uses)."""
+    """Right-pads a batch with ``nli.scoring.collate`` (the padding serving uses).
+
+    ``pad_to_multiple_of`` > 1 (with ``train.torch_compile``): padded lengths share their
+    alignment, which compiled code would otherwise specialise on (one more graph).
+    """
 
     pad_id: int
+    pad_to_multiple_of: int = 1
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = collate([f["input_ids"] for f in features], pad_id=self.pad_id)
+        batch = collate(
+            [f["input_ids"] for f in features],
+            pad_id=self.pad_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
         return {
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,

@@ -125,17 +125,33 @@ def skip_lora_input_casts(model: torch.nn.Module) -> int:
     return count
 
 
+COMPILED_PADDING = 8
+"""Batches pad to a multiple of this under ``train.torch_compile`` (``LabelCollator``)."""
+
+
+def _require_grad_when_training(module: Any, inputs: Any, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
+
+
 def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor") -> int:
     """``torch.compile`` each decoder layer, with dynamic shapes; return how many.
 
     The layers run the same code on weights of the same shapes, and compiled code is kept per
     code object and guarded on what the layer holds, not on which layer it is, so the layers
-    share one compiled graph (two: the first layer's input does not require grad, the others'
-    do): the cold compile costs about one layer's, not the whole model's. Dynamic shapes keep
-    length-grouped batches from recompiling per length, which made compiling the whole model
-    (Trainer's ``torch_compile``) unusable here. The module tree and state dict are unchanged.
+    share the compiled code: the cold compile costs about one layer's, not the whole model's.
+    Dynamic shapes keep length-grouped batches from recompiling per length, which made
+    compiling the whole model (Trainer's ``torch_compile``) unusable here. Graphs still differ
+    by grad mode (training, evaluation), by whether the batch has padding (no mask without it)
+    and by a length's alignment (so ``LabelCollator`` pads to a multiple of
+    ``COMPILED_PADDING``), and by whether the layer's input requires grad (so the embeddings'
+    output requires grad in training, as every later layer's input does). The module tree and
+    state dict are unchanged.
     """
-    decoder = split_peft(model)[0].get_decoder()
+    causal_lm = split_peft(model)[0]
+    # The first layer's input would not require grad and the others' would: two graphs.
+    causal_lm.get_input_embeddings().register_forward_hook(_require_grad_when_training)
+    decoder = causal_lm.get_decoder()
     for layer in decoder.layers:
         layer.compile(dynamic=True, backend=backend)
     # Equal sizes (batch 128 and a 128-token batch, 64 tokens and the head size) would share

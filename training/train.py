@@ -39,6 +39,7 @@ from training.config import TrainingConfig
 from training.data import LabelCollator, PreparedData, prepare_data, tokenizer_fingerprint
 from training.evaluate import adapter_name, build_classifier, score_data
 from training.model import (
+    COMPILED_PADDING,
     LabelScoringModel,
     build_training_model,
     compile_decoder_layers,
@@ -281,7 +282,10 @@ def _fit(
         args=args,
         train_dataset=data.train,
         eval_dataset=data.dev,
-        data_collator=LabelCollator(pad_id=base.tokenizer.pad_token_id),
+        data_collator=LabelCollator(
+            pad_id=base.tokenizer.pad_token_id,
+            pad_to_multiple_of=COMPILED_PADDING if cfg.train.torch_compile else 1,
+        ),
         compute_metrics=dev_metrics,
         callbacks=extra + callbacks,
         label_smoothing=cfg.train.label_smoothing,

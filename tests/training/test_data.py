@@ -134,3 +134,14 @@ def test_shared_snli_splits(
     assert data.dev_data.source.endswith("dev.jsonl[:2000]")
     assert data.test_data is not None and len(data.test_data.examples) == 9_824
     assert not list(shared_data.rglob("*.arrow"))  # nothing written next to the data
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_collator_pads_to_a_multiple_without_moving_answers(multiple: int) -> None:
+    features = [{"input_ids": list(range(5, 5 + n)), "labels": n % 3} for n in (3, 9, 17, 4)]
+    batch = LabelCollator(pad_id=0, pad_to_multiple_of=multiple)(features)
+    width = batch["input_ids"].shape[1]
+    assert width == (17 if multiple == 1 else 24)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 9, 17, 4]
+    assert batch["last_index"].tolist() == [2, 8, 16, 3]
+    assert batch["labels"].tolist() == [0, 0, 2, 1]

@@ -405,7 +405,7 @@ def test_compiled_layers_train_like_eager_ones_and_share_one_graph(
     of new lengths do not recompile, and loss and gradients are those of the eager model."""
     from torch._dynamo.utils import counters
 
-    from training.model import build_training_model, compile_decoder_layers
+    from training.model import COMPILED_PADDING, build_training_model, compile_decoder_layers
 
     cfg = load_config(tiny_recipe(tmp_path, model={"dequantize_frozen": True}))
     models = []
@@ -429,7 +429,12 @@ def test_compiled_layers_train_like_eager_ones_and_share_one_graph(
     encoder = PairEncoder(base.tokenizer, get_prompt_format(1), max_length=cfg.model.max_length)
     pairs = [("a man is in the park", "a dog runs"), ("the child sits", "a red car is old")]
     for batch_pairs in (pairs, pairs + [("two women talk", "nobody speaks at all today")]):
-        batch = collate(encoder.encode(batch_pairs), pad_id=base.tokenizer.pad_token_id)
+        batch = collate(
+            encoder.encode(batch_pairs),
+            pad_id=base.tokenizer.pad_token_id,
+            pad_to_multiple_of=COMPILED_PADDING,  # as LabelCollator pads under the setting
+        )
+        assert batch.input_ids.shape[1] % COMPILED_PADDING == 0
         labels = torch.arange(len(batch_pairs)) % 3
         for model in (eager, compiled):
             model.zero_grad()
@@ -440,8 +445,8 @@ def test_compiled_layers_train_like_eager_ones_and_share_one_graph(
         ):
             if p_eager.requires_grad:
                 torch.testing.assert_close(p_compiled.grad, p_eager.grad, msg=name)
-    # Two graphs whatever the layer count: the first layer's input does not require grad.
-    assert counters["stats"]["unique_graphs"] == 2
+    # One graph whatever the layer count (the first layer's input requires grad too).
+    assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"]
 
 
@@ -449,6 +454,8 @@ def test_compiled_layers_train_like_eager_ones_and_share_one_graph(
 def test_torch_compile_setting_compiles_the_layers(
     tmp_path: Path, tiny_recipe: RecipeWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from training.model import COMPILED_PADDING
+
     calls: list[int] = []
     real = train_module.compile_decoder_layers
 
@@ -456,7 +463,16 @@ def test_torch_compile_setting_compiles_the_layers(
         calls.append(real(model, backend="eager"))
         return calls[-1]
 
+    collators: list[Any] = []
+    real_collator = train_module.LabelCollator
+
+    def spy_collator(**kwargs: Any) -> Any:
+        collators.append(real_collator(**kwargs))
+        return collators[-1]
+
     monkeypatch.setattr(train_module, "compile_decoder_layers", eager_compile)
+    monkeypatch.setattr(train_module, "LabelCollator", spy_collator)
     recipe = tiny_recipe(tmp_path, train={"max_steps": 2, "torch_compile": True})
     assert run_training(load_config(recipe), progress=False) is not None
     assert calls and calls[0] > 1
+    assert [c.pad_to_multiple_of for c in collators] == [COMPILED_PADDING]
