@@ -18,13 +18,10 @@ forward (``nli.prefix_cache``).
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 class _LayerSlot:

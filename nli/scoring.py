@@ -86,6 +86,8 @@ def collate(
     device, so building the next batch overlaps the current forward. ``pad_to_multiple_of``
     rounds the padded length up (compiled code specialises on a length's alignment).
     """
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
     flat = np.array(list(itertools.chain.from_iterable(sequences)), dtype=np.int64)
     longest = -(-int(lengths.max()) // pad_to_multiple_of) * pad_to_multiple_of

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decoder (CUDA only; ~15 s once, then faster batches: "
-        "worth it from tens of thousands of pairs, see BENCHMARKS.md)",
+        help="torch.compile the decoder (CUDA only): ~15 s of compile first, then faster "
+        "batches; pays only for files of hundreds of thousands of pairs (training/README.md)",
     )
     evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
