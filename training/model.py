@@ -139,7 +139,7 @@ def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor")
 
     The layers run the same code on weights of the same shapes, and compiled code is kept per
     code object and guarded on what the layer holds, not on which layer it is, so the layers
-    share the compiled code: the cold compile costs about one layer's, not the whole model's.
+    share the compiled code: each compile traces one layer, not the whole model.
     Dynamic shapes keep length-grouped batches from recompiling per length, which made
     compiling the whole model (Trainer's ``torch_compile``) unusable here. Graphs still differ
     by grad mode (training, evaluation), by whether the batch has padding (no mask without it)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,10 @@ from torch._dynamo.utils import counters
 
 from nli.classifier import NLIClassifier
 from nli.layer_compile import LayerCompiledDecoder
-from nli.loading import LoadedBase
+from nli.loading import LoadedBase, load_base_model
 from nli.prefix_cache import cache_argument, compute_prefix_states, prefixed_label_logits
 from nli.scoring import collate, label_logits, split_peft
+from tests.nli.adapters import make_adapter
 
 PAIRS = [
     ("a man is playing guitar in the park", "a man plays music"),
@@ -101,3 +103,31 @@ def test_inductor_compiled_layers_agree_with_eager(base: LoadedBase) -> None:
 def test_compile_scope_is_checked(base: LoadedBase) -> None:
     with pytest.raises(ValueError, match="compile_scope"):
         NLIClassifier(base, compile_scope="model")  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_the_classifier_scores_adapters_through_the_compiled_layers(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``nli-train evaluate --compile --adapter``: LoRA layers inside the shared compiled layer,
+    the adapter and then the bare base selected, each scored as the eager classifier does."""
+    folder = make_adapter(tiny_model_dir, tmp_path / "lora", seed=3)
+    classifiers = []
+    for _ in range(2):
+        classifier = NLIClassifier(load_base_model(str(tiny_model_dir), device="cpu"))
+        classifier.attach_adapter(folder, name="a")
+        classifiers.append(classifier)
+    eager, compiled = classifiers
+    decoder = decoder_of(compiled.base)
+    # On the CPU the classifier ignores compile=True: hand it the compiled forward directly.
+    compiled.compile = True
+    compiled._compiled = (
+        decoder,
+        LayerCompiledDecoder(decoder, cache_argument(decoder), backend="eager"),
+    )
+    for adapter in ("a", None):
+        got = compiled.score_pairs(PAIRS, adapter=adapter)
+        np.testing.assert_array_equal(got, eager.score_pairs(PAIRS, adapter=adapter))
+    # one graph per PEFT state (adapter active, adapter layers disabled), not one per layer
+    assert counters["stats"]["unique_graphs"] == 2
+    assert all("forward" not in vars(layer) for layer in decoder.layers)
