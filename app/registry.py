@@ -39,7 +39,7 @@ from nli.errors import (
     NotReadyError,
 )
 from nli.fsutil import is_partial_name
-from nli.manifest import MANIFEST_FILE, adapter_size_bytes
+from nli.manifest import MANIFEST_FILE, WEIGHTS_FILE, adapter_size_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +103,30 @@ def check_adapter_name(name: str) -> None:
 
 def folder_fingerprint(folder: Path) -> str:
     """sha256 of every file's relative path and contents (what "unchanged files" means)."""
+    return _fingerprint_keeping_weights(folder)[0]
+
+
+def _fingerprint_keeping_weights(folder: Path) -> tuple[str, bytes | None]:
+    """``folder_fingerprint`` and the weights file's bytes as hashed (None if it is absent).
+
+    The fast attach loads those bytes (``NLIClassifier.read_adapter(weights=...)``): the
+    weights are read once, and the fingerprint describes exactly the weights attached even if
+    the file is replaced meanwhile. PEFT's path (the first adapter on a bare base, adapters
+    other than plain LoRA) reads the folder itself.
+    """
     digest = hashlib.sha256()
+    weights: bytes | None = None
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        relative = path.relative_to(folder)
+        digest.update(str(relative).encode() + b"\0")
+        if relative == Path(WEIGHTS_FILE):
+            weights = path.read_bytes()
+            digest.update(weights)
+            continue
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-    return digest.hexdigest()
+    return digest.hexdigest(), weights
 
 
 class AdapterRegistry:
@@ -220,7 +237,7 @@ class AdapterRegistry:
         check_adapter_name(name)
         started = time.perf_counter()
         folder, source = self.locate(name)
-        fingerprint = folder_fingerprint(folder)
+        fingerprint, weights = _fingerprint_keeping_weights(folder)
         hashed = time.perf_counter()
         with self._lock:
             current = self._entries.get(name)
@@ -237,7 +254,7 @@ class AdapterRegistry:
         try:
             # Files are read and checked here, while requests are still scored; only attaching
             # the weights pauses the scoring worker.
-            read = self.classifier.read_adapter(folder, name=name)
+            read = self.classifier.read_adapter(folder, name=name, weights=weights)
             loaded = self.engine.run_exclusive(
                 lambda: self.classifier.attach_adapter(folder, name=internal, read=read)
             ).result()

@@ -180,11 +180,16 @@ class NLIClassifier:
 
     # -- adapters ---------------------------------------------------------------------------
 
-    def read_adapter(self, path: str | Path, *, name: str | None = None) -> ReadAdapter:
+    def read_adapter(
+        self, path: str | Path, *, name: str | None = None, weights: bytes | None = None
+    ) -> ReadAdapter:
         """Read and check an adapter folder (manifest, base model, weights) without touching the
         model: callers that serialise attaching with scoring (the service) run this first, while
         the model still scores, and pass the result to ``attach_adapter``. ``name`` is the
-        adapter's name in error messages (default: the folder's)."""
+        adapter's name in error messages (default: the folder's). ``weights``: the weights
+        file's bytes, when the caller has read them already (the service hashes them); the
+        fast attach then loads these instead of reading the file again (PEFT's fallback path
+        reads the folder)."""
         started = time.perf_counter()
         path = Path(path)
         manifest = read_manifest(path)
@@ -192,7 +197,7 @@ class NLIClassifier:
         encoder = PairEncoder(
             self.tokenizer, get_prompt_format(manifest.prompt_format), max_length=self.max_length
         )
-        prepared = lora_fast_attach.prepare(path)
+        prepared = lora_fast_attach.prepare(path, weights=weights)
         return ReadAdapter(path, manifest, encoder, prepared, time.perf_counter() - started)
 
     def attach_adapter(

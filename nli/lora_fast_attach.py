@@ -102,15 +102,16 @@ def _default_fields() -> dict[str, Any]:
     return LoraConfig().to_dict()
 
 
-def prepare(path: Path) -> PreparedLora | None:
+def prepare(path: Path, *, weights: bytes | None = None) -> PreparedLora | None:
     """Read and check an adapter folder for ``attach``; None when PEFT should load it instead.
 
     Reads nothing of the model, so it may run while the model scores. None also for weights PEFT
     would refuse or the classifier's checks would (unreadable, not floating point, NaN/inf):
-    loading those through PEFT raises the error the caller reports.
+    loading those through PEFT raises the error the caller reports. ``weights``: the weights
+    file's contents, already read by the caller (else the file is read).
     """
     from peft import LoraConfig
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     try:
         raw = json.loads((path / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
@@ -121,7 +122,10 @@ def prepare(path: Path) -> PreparedLora | None:
         config.inference_mode = True
         if not is_plain_lora(config):
             return None
-        tensors = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        if weights is None:
+            tensors = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        else:
+            tensors = load(weights)
     except Exception:  # noqa: BLE001 - whatever it is, PEFT's path reports it
         return None
     if not tensors or not all(t.is_floating_point() for t in tensors.values()):

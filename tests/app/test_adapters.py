@@ -268,6 +268,34 @@ def test_adapter_files_are_read_before_the_scoring_worker_pauses(
     assert threads["read"][0] != threads["attach"][0]
 
 
+def test_the_weights_attached_are_the_bytes_fingerprinted(
+    admin: TestClient,
+    root: Path,
+    adapter_store: Path,
+    reference: Scores,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Weights read once: a file replaced after the registry hashed it does not get attached
+    under the old fingerprint (the fast attach, taken once an adapter holds LoRA layers)."""
+    import app.registry
+
+    admin.post("/adapters", json={"name": "beta"})  # the LoRA layers the fast attach reuses
+    hashed = app.registry._fingerprint_keeping_weights
+    fingerprint = app.registry.folder_fingerprint(root / "adapters" / "alpha")
+
+    def hash_then_replace(folder: Path) -> tuple[str, bytes | None]:
+        result = hashed(folder)
+        shutil.copy(adapter_store / "alpha-v2" / WEIGHTS_FILE, folder / WEIGHTS_FILE)
+        return result
+
+    monkeypatch.setattr(app.registry, "_fingerprint_keeping_weights", hash_then_replace)
+    loaded = admin.post("/adapters", json={"name": "alpha"})
+    assert loaded.status_code == 200 and loaded.json()["fingerprint"] == fingerprint
+    np.testing.assert_allclose(
+        probs_of(classify(admin, PAIRS[0], "alpha")), reference([PAIRS[0]], "alpha")[0], atol=TOL
+    )
+
+
 def test_swap_and_unload_wait_for_requests_already_routed(
     admin: TestClient, root: Path, adapter_store: Path, reference: Scores
 ) -> None:

@@ -353,6 +353,19 @@ def test_invalid_weights_are_refused_as_before_and_change_nothing(
     assert classifier.score_pairs(PAIRS, "fine").shape == (len(PAIRS), 3)
 
 
+def test_prepare_from_bytes_reads_what_the_file_holds(adapters: dict[str, Path]) -> None:
+    folder = adapters["fp32"]
+    from_file = lora_fast_attach.prepare(folder)
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    from_bytes = lora_fast_attach.prepare(folder, weights=data)
+    assert from_file is not None and from_bytes is not None
+    assert from_bytes.tensors.keys() == from_file.tensors.keys()
+    for key, tensor in from_file.tensors.items():
+        assert torch.equal(from_bytes.tensors[key], tensor)
+    # bytes that are no safetensors file: PEFT's path decides (and reports it)
+    assert lora_fast_attach.prepare(folder, weights=data[:100]) is None
+
+
 def test_plain_lora_configs() -> None:
     assert lora_fast_attach.is_plain_lora(LoraConfig(target_modules=ALL))
     assert lora_fast_attach.is_plain_lora(LoraConfig(r=16, target_modules=["q_proj"]))
