@@ -81,7 +81,7 @@ def classifier(base: LoadedBase) -> Iterator[NLIClassifier]:
 
 
 def no_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_fast_attach, "prepare", lambda path: None)
+    monkeypatch.setattr(lora_fast_attach, "prepare", lambda path, **_: None)
 
 
 def adapter_state(classifier: NLIClassifier, name: str) -> list[Any]:
