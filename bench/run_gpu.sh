@@ -17,7 +17,8 @@
 # classify-smollm2-eager (NLI_CUDA_GRAPHS=0: the baseline of the CUDA-graph path),
 # graph-accuracy (graphed vs eager scores of the shipped adapter on dev rows 0-1,999), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
 # at batch 512, with a 2-step profile in the logs), train-smollm2-ddp (those settings on one GPU,
-# then under DDP on two: needs the nvidia-h100-x2 kind).
+# then under DDP on two: needs the nvidia-h100-x2 kind), train-smollm2-compile (the recipe with
+# train.torch_compile, then without, same call; the compile shows in the first steps' time).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -34,6 +35,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 LOGS=$(mktemp -d /tmp/nli-bench.XXXXXX)
 START=$SECONDS
 NOTES=()
+RAN=() # the names given to step: each step's JSON result is $LOGS/<name>.json
 
 # step NAME BUDGET_SECONDS COMMAND...: run with a timeout; log to $LOGS/NAME.log.
 step() {
@@ -48,6 +50,7 @@ step() {
   fi
   echo "== $name (timeout ${budget} s, at $((SECONDS - START)) s)"
   local t0=$SECONDS
+  RAN+=("$name")
   timeout -k 10 "$budget" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   NOTES+=("$name: exit $rc after $((SECONDS - t0)) s")
@@ -94,6 +97,13 @@ for name in $STEPS; do
         --steps 26 --warmup-steps 6 --batch-size 512 --set model.dequantize_frozen=true \
         --set model.prepare_kbit=false --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
+    train-smollm2-compile)
+      for compiled in true false; do
+        step "$name-$compiled" 240 $PY -m bench.train_throughput --model smollm2 --only real \
+          --steps 60 --warmup-steps 15 --set train.torch_compile=$compiled \
+          --data-dir "$DATA" --log-dir "$LOGS/$name-$compiled" --out "$LOGS/$name-$compiled.json"
+      done
+      ;;
     train-qwen)
       # The naive ratio comes from SmolLM2 (train-smollm2); add --naive-baseline for the 1.5B's.
       step "$name" 150 $PY -m bench.train_throughput --model qwen2-1.5b --batch-size 128 \
@@ -121,7 +131,7 @@ done
 
 shopt -s nullglob
 results=()
-for name in $STEPS; do
+for name in "${RAN[@]}"; do
   [[ -f "$LOGS/$name.json" ]] && results+=("$LOGS/$name.json")
 done
 cat "${results[@]}" /dev/null >"$OUT/results.jsonl"
