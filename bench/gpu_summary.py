@@ -122,6 +122,8 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
         model, kind = run["model"], run["kind"]
         processes = run.get("processes", 1)
         label = f"training {kind}, {model}" + (f", DDP x{processes}" if processes > 1 else "")
+        if "train.torch_compile=true" in run.get("overrides", []):
+            label += ", torch_compile"
         if run["status"] != "ok":
             rows.append((label, "-", run["status"], " / ".join(run.get("log_tail", []))[-200:]))
             continue
@@ -131,7 +133,8 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
             f"batch {run['batch_size']}x{run.get('grad_accum', 1)}, peak allocated "
             f"{run.get('train_peak_allocated_gib', '?')} GiB in training steps, "
             f"{run.get('peak_allocated_gib', '?')} GiB with the end evaluation, process ~{peak} "
-            f"GiB; report.json-style {run.get('report_examples_per_s')} ex/s"
+            f"GiB; report.json-style {run.get('report_examples_per_s')} ex/s; steps before the "
+            f"window {run.get('first_steps_s', '?')} s"
         )
         if run.get("error_after_training"):
             detail += f"; after training: {run['error_after_training'][:120]}"
