@@ -97,17 +97,21 @@ def disable_duck_shapes() -> None:
 
     For compiles that start where no context manager can reach (inside ``Trainer``).
     """
-    from torch.fx.experimental import _config as fx_config
-
-    if hasattr(fx_config, "use_duck_shape"):
-        fx_config.use_duck_shape = False
+    config = _duck_shape_config()
+    if config is not None:
+        config.use_duck_shape = False
 
 
 def _no_duck_shapes() -> contextlib.AbstractContextManager[Any]:
-    # A private PyTorch setting (torch 2.13): without it, the cost is an occasional recompile.
+    config = _duck_shape_config()
+    if config is None or not hasattr(config, "patch"):
+        return contextlib.nullcontext()
+    return config.patch(use_duck_shape=False)
+
+
+def _duck_shape_config() -> Any | None:
+    """PyTorch's (private, torch 2.13) shape settings, if they hold ``use_duck_shape``; without
+    the setting the cost is only an occasional recompile."""
     from torch.fx.experimental import _config as fx_config
 
-    patch = getattr(fx_config, "patch", None)
-    if patch is None or not hasattr(fx_config, "use_duck_shape"):
-        return contextlib.nullcontext()
-    return patch(use_duck_shape=False)
+    return fx_config if hasattr(fx_config, "use_duck_shape") else None
