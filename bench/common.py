@@ -51,8 +51,23 @@ def profiler_activities() -> list[Any]:
 
 
 def device_busy_s(table: Any) -> float:
-    """Seconds the device spent in the kernels of a profiler's ``key_averages()``."""
-    return float(sum(e.self_device_time_total for e in table)) / 1e6
+    """Seconds the device spent in the kernels of a profiler's ``key_averages()``.
+
+    Only device events count: a CPU op also carries the time of the kernels it launched as its
+    own "self" device time, so summing every row counts each kernel twice.
+    """
+    from torch.autograd import DeviceType
+
+    return (
+        float(
+            sum(
+                e.self_device_time_total
+                for e in table
+                if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+            )
+        )
+        / 1e6
+    )
 
 
 def read_pairs(path: Path, limit: int) -> list[tuple[str, str]]:

@@ -62,10 +62,14 @@ def label_tokens(tokenizer: Any) -> LabelTokens:
 
 @dataclass
 class EncodedBatch:
-    """Right-padded token ids; ``last_index`` is each row's answer position."""
+    """Right-padded token ids; ``last_index`` is each row's answer position.
+
+    ``attention_mask`` may be ``None``: causal attention never lets a real token see the padding
+    after it, and only each row's answer position is read, so the padding changes no logit.
+    """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     last_index: torch.Tensor
 
     def __len__(self) -> int:

@@ -214,8 +214,17 @@ class LoopConfig:
     torch_compile: bool = False
     """``torch.compile`` each decoder layer (one graph shared by all layers, dynamic shapes;
     ``training.model.compile_decoder_layers``). The first step waits for the compile."""
+    cuda_graphs: bool = False
+    """Record each batch shape's forward and backward as a CUDA graph and replay it
+    (``training.step_graphs``): one launch instead of thousands per step. One CUDA GPU only
+    (elsewhere training runs eagerly, with a warning); needs ``grad_accum: 1``."""
 
     def __post_init__(self) -> None:
+        if self.cuda_graphs and self.grad_accum != 1:
+            raise ConfigError(
+                "train.cuda_graphs needs train.grad_accum=1 (a replayed step overwrites the "
+                f"gradients instead of adding to them), got grad_accum={self.grad_accum}"
+            )
         _positive(
             "train",
             epochs=self.epochs,

@@ -30,11 +30,12 @@ class LabelScoringModel(PeftModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         last_index: torch.Tensor,
         **_unused: Any,
     ) -> torch.Tensor:
-        """Label logits at each row's answer position (the serving computation)."""
+        """Label logits at each row's answer position (the serving computation); right-padded
+        rows may come without a mask (``EncodedBatch``)."""
         batch = EncodedBatch(input_ids, attention_mask, last_index)
         return label_logits(self, batch, self.label_tokens)
 

@@ -48,6 +48,7 @@ from training.model import (
     skip_lora_input_casts,
 )
 from training.report import environment, now, peak_memory, write_training_report
+from training.step_graphs import StepGraphs
 from training.trainer import (
     CollapseCallback,
     NLITrainer,
@@ -239,6 +240,27 @@ def _check_same_run(cfg: TrainingConfig, saved_path: Path) -> None:
         )
 
 
+def pads_lengths(cfg: TrainingConfig) -> bool:
+    """Whether batches pad to a multiple of ``COMPILED_PADDING``: compiled code specialises on a
+    length's alignment, and each padded length is one CUDA graph of the step."""
+    return cfg.train.torch_compile or cfg.train.cuda_graphs
+
+
+def step_graphs_for(
+    cfg: TrainingConfig, model: torch.nn.Module, device: torch.device, *, world_size: int
+) -> StepGraphs | None:
+    """``StepGraphs`` for ``train.cuda_graphs`` where they can run (one process on a GPU)."""
+    if not cfg.train.cuda_graphs:
+        return None
+    if device.type != "cuda" or world_size > 1:
+        where = "several processes" if world_size > 1 else f"device {device}"
+        logger.warning("train.cuda_graphs needs one CUDA GPU (not %s): training eagerly", where)
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger.info("recording the training step as CUDA graphs, one per batch shape")
+    return StepGraphs(params)
+
+
 def _fit(
     cfg: TrainingConfig,
     work: Path,
@@ -254,6 +276,7 @@ def _fit(
         skip_lora_input_casts(model)
     if cfg.train.torch_compile:
         compile_decoder_layers(model)
+    step_graphs = step_graphs_for(cfg, model, base.device, world_size=dist.world_size)
     encoder = PairEncoder(
         base.tokenizer, get_prompt_format(cfg.model.prompt_format), max_length=cfg.model.max_length
     )
@@ -284,13 +307,14 @@ def _fit(
         eval_dataset=data.dev,
         data_collator=LabelCollator(
             pad_id=base.tokenizer.pad_token_id,
-            pad_to_multiple_of=COMPILED_PADDING if cfg.train.torch_compile else 1,
+            pad_to_multiple_of=COMPILED_PADDING if pads_lengths(cfg) else 1,
         ),
         compute_metrics=dev_metrics,
         callbacks=extra + callbacks,
         label_smoothing=cfg.train.label_smoothing,
         length_grouping=cfg.train.group_by_length,
         loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
+        step_graphs=step_graphs,
     )
     logger.info(
         "training %s on %s: %d examples, batch %d x %d accumulation x %d process(es), bf16 %s",

@@ -31,6 +31,7 @@ from nli.errors import NLIError
 from nli.metrics import compute_metrics
 from training.config import TrainingConfig
 from training.data import LengthGroupedSampler
+from training.step_graphs import StepGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,14 @@ class NLITrainer(Trainer):
         label_smoothing: float = 0.0,
         length_grouping: bool = True,
         loraplus_lr_ratio: float | None = None,
+        step_graphs: StepGraphs | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.label_smoothing = label_smoothing
         self.length_grouping = length_grouping
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.step_graphs = step_graphs
         # Trainer inspects the *base* model's forward (which takes **kwargs) and would then treat
         # our loss as already normalised over the accumulated batch and count label tokens for
         # it (an extra all-gather per step under DDP). Neither applies to a per-example loss.
@@ -98,6 +101,34 @@ class NLITrainer(Trainer):
                 world_size=self.args.world_size,
             )
         return super()._get_train_sampler(*args, **kwargs)
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor:
+        """Trainer's step, or with ``step_graphs`` the same forward, loss and backward replayed
+        from a CUDA graph (right-padded rows without a mask; ``training.step_graphs``)."""
+        if self.step_graphs is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        self.examples_seen += int(inputs["labels"].shape[0])
+
+        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                logits = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=None,
+                    last_index=batch["last_index"],
+                )
+                return F.cross_entropy(
+                    logits, batch["labels"], label_smoothing=self.label_smoothing
+                )
+
+        batch = {key: inputs[key] for key in ("input_ids", "last_index", "labels")}
+        return self.step_graphs.run(loss_of, batch)
 
     def compute_loss(
         self,
