@@ -122,8 +122,9 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
         model, kind = run["model"], run["kind"]
         processes = run.get("processes", 1)
         label = f"training {kind}, {model}" + (f", DDP x{processes}" if processes > 1 else "")
-        if "train.torch_compile=true" in run.get("overrides", []):
-            label += ", torch_compile"
+        for setting in ("torch_compile", "cuda_graphs"):
+            if f"train.{setting}=true" in run.get("overrides", []):
+                label += f", {setting}"
         if run["status"] != "ok":
             rows.append((label, "-", run["status"], " / ".join(run.get("log_tail", []))[-200:]))
             continue

@@ -18,7 +18,8 @@
 # graph-accuracy (graphed vs eager scores of the shipped adapter on dev rows 0-1,999), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
 # at batch 512, with a 2-step profile in the logs), train-smollm2-ddp (those settings on one GPU,
 # then under DDP on two: needs the nvidia-h100-x2 kind), train-smollm2-compile (the recipe with
-# train.torch_compile, then without, same call; the compile shows in the first steps' time).
+# train.torch_compile, then without, same call; the compile shows in the first steps' time),
+# train-smollm2-graphs (the recipe with train.cuda_graphs, then without, same call).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -96,6 +97,13 @@ for name in $STEPS; do
       step "$name" 240 $PY -m bench.train_throughput --model smollm2 --only real --nproc 2 \
         --steps 26 --warmup-steps 6 --batch-size 512 --set model.dequantize_frozen=true \
         --set model.prepare_kbit=false --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
+      ;;
+    train-smollm2-graphs)
+      for graphs in true false; do
+        step "$name-$graphs" 150 $PY -m bench.train_throughput --model smollm2 --only real \
+          --steps 100 --warmup-steps 40 --set train.cuda_graphs=$graphs \
+          --data-dir "$DATA" --log-dir "$LOGS/$name-$graphs" --out "$LOGS/$name-$graphs.json"
+      done
       ;;
     train-smollm2-compile)
       for compiled in true false; do

@@ -62,14 +62,10 @@ def label_tokens(tokenizer: Any) -> LabelTokens:
 
 @dataclass
 class EncodedBatch:
-    """Right-padded token ids; ``last_index`` is each row's answer position.
-
-    ``attention_mask`` may be ``None``: causal attention never lets a real token see the padding
-    after it, and only each row's answer position is read, so the padding changes no logit.
-    """
+    """Right-padded token ids; ``last_index`` is each row's answer position."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
+    attention_mask: torch.Tensor
     last_index: torch.Tensor
 
     def __len__(self) -> int:

@@ -272,7 +272,7 @@ class LabelCollator:
     pad_id: int
     pad_to_multiple_of: int = 1
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate(
             [f["input_ids"] for f in features],
             pad_id=self.pad_id,
