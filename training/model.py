@@ -30,12 +30,13 @@ class LabelScoringModel(PeftModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor,
         last_index: torch.Tensor,
         **_unused: Any,
     ) -> torch.Tensor:
-        """Label logits at each row's answer position (the serving computation); right-padded
-        rows may come without a mask (``EncodedBatch``)."""
+        """Label logits at each row's answer position (the serving computation). The mask is the
+        ``[rows, length]`` padding mask, or a 4-D one that goes to the attention as it is
+        (``training.step_graphs.causal_mask``)."""
         batch = EncodedBatch(input_ids, attention_mask, last_index)
         return label_logits(self, batch, self.label_tokens)
 

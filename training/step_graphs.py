@@ -11,9 +11,12 @@ How it fits into training (``train.cuda_graphs``, ``NLITrainer.training_step``):
   (``LabelCollator``), so SNLI's length-grouped batches need a few dozen graphs. The first batch
   of a shape runs once eagerly (a warm-up: lazy initialisation and compilation must not be
   recorded), is recorded, then replayed; later batches of that shape only replay.
-- Rows run without an attention mask: they are right-padded, causal attention never lets a real
-  token see the padding after it, and the loss reads only each row's answer position, so the
-  padding reaches neither the loss nor the gradients (the serving graphs do the same).
+- Rows run with a plain causal mask (``causal_mask``) instead of their padding mask: they are
+  right-padded, causal attention never lets a real token see the padding after it, and the loss
+  reads only each row's answer position, so the padding reaches neither the loss nor the
+  gradients. The mask is passed explicitly, 4-D, because transformers builds the mask
+  differently while a CUDA graph records (no mask when it can check for padding, a materialised
+  one while recording): compiled layers would recompile in the middle of the recording.
 - The graphs share one memory pool. A replay's activations are dead once it ends (forward and
   backward are in the same graph), so every graph may reuse the same memory.
 - Gradients: a graph writes each trainable parameter's gradient into buffers recorded with it.
@@ -41,6 +44,15 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Batch], torch.Tensor]
+
+
+def causal_mask(length: int, device: torch.device | str) -> torch.Tensor:
+    """A ``[1, 1, length, length]`` boolean causal mask (True: may attend), for every row.
+
+    transformers passes a 4-D mask to the attention layers as it is, whether or not a CUDA graph
+    is recording, so the warm-up and the recording run the same code.
+    """
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
 
 
 @dataclass

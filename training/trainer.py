@@ -31,7 +31,7 @@ from nli.errors import NLIError
 from nli.metrics import compute_metrics
 from training.config import TrainingConfig
 from training.data import LengthGroupedSampler
-from training.step_graphs import StepGraphs
+from training.step_graphs import StepGraphs, causal_mask
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class NLITrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor:
         """Trainer's step, or with ``step_graphs`` the same forward, loss and backward replayed
-        from a CUDA graph (right-padded rows without a mask; ``training.step_graphs``)."""
+        from a CUDA graph (right-padded rows under a plain causal mask: ``training.step_graphs``).
+        """
         if self.step_graphs is None:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
@@ -117,10 +118,11 @@ class NLITrainer(Trainer):
         self.examples_seen += int(inputs["labels"].shape[0])
 
         def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            ids = batch["input_ids"]
             with self.compute_loss_context_manager():
                 logits = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=None,
+                    input_ids=ids,
+                    attention_mask=causal_mask(ids.shape[1], ids.device),
                     last_index=batch["last_index"],
                 )
                 return F.cross_entropy(

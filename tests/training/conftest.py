@@ -107,3 +107,13 @@ def tiny_recipe(
         return path
 
     return write
+
+
+@pytest.fixture
+def restore_duck_shapes() -> Iterator[None]:
+    """``compile_decoder_layers`` turns duck shapes off for the process: not for other tests."""
+    from torch.fx.experimental import _config as fx_config
+
+    before = fx_config.use_duck_shape
+    yield
+    fx_config.use_duck_shape = before

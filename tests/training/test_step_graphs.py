@@ -23,10 +23,13 @@ from nli.scoring import EncodedBatch, collate
 from training import train as train_module
 from training.model import COMPILED_PADDING, LabelScoringModel, build_training_model
 from training.recipe import load_config
-from training.step_graphs import StepGraphs
+from training.step_graphs import StepGraphs, causal_mask
 from training.train import run_training
 
 from .conftest import RecipeWriter
+
+# The real one: a test that patches it twice must not wrap its own first patch.
+REAL_STEP_GRAPHS_FOR = train_module.step_graphs_for
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs")
 
@@ -40,8 +43,9 @@ PAIRS = [
 def _models(tmp_path: Path, tiny_recipe: RecipeWriter, device: str) -> tuple[Any, list[Any]]:
     """Two identical training models (non-zero LoRA weights, float64) and the tokenizer.
 
-    float64: with and without the mask, attention sums in a different order; in float32 the
-    gradients then differ by ~1e-4 relative to their largest element, in float64 not at all.
+    float64: with the padding mask and without it, attention sums in a different order; in
+    float32 the gradients then differ by ~1e-4 relative to their largest element, in float64 not
+    at all.
     """
     cfg = load_config(tiny_recipe(tmp_path, model={"dequantize_frozen": True, "device": device}))
     models = []
@@ -65,21 +69,22 @@ def _batches(tokenizer: Any, device: str) -> list[EncodedBatch]:
         batches.append(
             EncodedBatch(
                 batch.input_ids.to(device),
-                batch.attention_mask.to(device) if batch.attention_mask is not None else None,
+                batch.attention_mask.to(device),
                 batch.last_index.to(device),
             )
         )
     shapes = [tuple(b.input_ids.shape) for b in batches]
     assert shapes[0] == shapes[2] != shapes[1]
-    assert any(bool((b.attention_mask == 0).any()) for b in batches if b.attention_mask is not None)
+    assert any(bool((b.attention_mask == 0).any()) for b in batches)  # padding to hide
     return batches
 
 
 def _compare_steps(
     eager: LabelScoringModel, graphed: LabelScoringModel, batches: list[Any], *, record: bool
 ) -> StepGraphs:
-    """Train both models on the batches (eager with the mask, graphed without), with an SGD
-    step after each batch, and check that loss and gradients agree at every step."""
+    """Train both models on the batches (eager with the padding mask, graphed with a plain
+    causal one), with an SGD step after each batch, and check that loss and gradients agree at
+    every step."""
     params = [p for p in graphed.parameters() if p.requires_grad]
     graphs = StepGraphs(params, record=record)
     optimizers = [
@@ -95,7 +100,8 @@ def _compare_steps(
         eager_loss.backward()
 
         def loss_fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-            logits = graphed(inputs["input_ids"], None, inputs["last_index"])
+            ids = inputs["input_ids"]
+            logits = graphed(ids, causal_mask(ids.shape[1], ids.device), inputs["last_index"])
             return F.cross_entropy(logits, inputs["labels"])
 
         inputs = {"input_ids": batch.input_ids, "last_index": batch.last_index, "labels": labels}
@@ -121,13 +127,43 @@ def _compare_steps(
     return graphs
 
 
-def test_graphed_steps_without_mask_match_eager_steps_with_it(
+def test_graphed_steps_with_a_causal_mask_match_eager_steps_with_padding_masks(
     tiny_recipe: RecipeWriter, tmp_path: Path
 ) -> None:
-    """Right-padded rows without a mask give the masked loss and gradients; shapes reuse their
-    inputs and gradient buffers; updated weights are read at the next step."""
+    """Right-padded rows under a plain causal mask give the padding-masked loss and gradients;
+    shapes reuse their inputs and gradient buffers; updated weights are read at the next step."""
     tokenizer, (eager, graphed) = _models(tmp_path, tiny_recipe, "cpu")
     _compare_steps(eager, graphed, _batches(tokenizer, "cpu"), record=False)
+
+
+@pytest.mark.usefixtures("restore_duck_shapes")
+def test_compiled_layers_do_not_recompile_when_a_recording_starts(
+    tiny_recipe: RecipeWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers builds the attention mask differently while a CUDA graph records (a
+    materialised one instead of none); compiled layers then recompiled in the middle of the
+    recording, which cannot run kernels. With the causal mask passed explicitly, the warm-up and
+    the recording give the layers the same inputs."""
+    from torch._dynamo.utils import counters
+
+    from training.model import compile_decoder_layers
+
+    tokenizer, (model, _) = _models(tmp_path, tiny_recipe, "cpu")
+    batch = _batches(tokenizer, "cpu")[0]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoder_layers(model, backend="eager")
+
+    def step() -> None:
+        length = batch.input_ids.shape[1]
+        model(batch.input_ids, causal_mask(length, "cpu"), batch.last_index).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # the warm-up
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    step()  # what the recording runs
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"]
 
 
 def test_run_refuses_gradients_left_from_an_earlier_step() -> None:
@@ -178,11 +214,10 @@ def _train(
     record: bool,
 ) -> tuple[dict[str, torch.Tensor], list[StepGraphs]]:
     made: list[StepGraphs] = []
-    real = train_module.step_graphs_for
 
     def step_graphs_for(cfg: Any, model: Any, device: Any, *, world_size: int) -> Any:
         if record:
-            found = real(cfg, model, device, world_size=world_size)
+            found = REAL_STEP_GRAPHS_FOR(cfg, model, device, world_size=world_size)
         elif cfg.train.cuda_graphs:
             found = StepGraphs([p for p in model.parameters() if p.requires_grad], record=False)
         else:
@@ -194,13 +229,18 @@ def _train(
     monkeypatch.setattr(train_module, "step_graphs_for", step_graphs_for)
     real_collator = train_module.LabelCollator
 
-    def maskless_collator(**kwargs: Any) -> Any:
-        # The eager run drops the mask too (the graphed step never uses it; that this changes
-        # nothing but rounding is the float64 test above): the two runs do the same arithmetic.
+    def causal_collator(**kwargs: Any) -> Any:
+        # The eager run takes the graphed step's causal mask too (that it changes nothing but
+        # rounding is the float64 test above): the two runs do the same arithmetic.
         collate_batch = real_collator(**kwargs)
-        return lambda features: {**collate_batch(features), "attention_mask": None}
 
-    monkeypatch.setattr(train_module, "LabelCollator", maskless_collator)
+        def collate_causal(features: Any) -> Any:
+            batch = collate_batch(features)
+            return {**batch, "attention_mask": causal_mask(batch["input_ids"].shape[1], "cpu")}
+
+        return collate_causal
+
+    monkeypatch.setattr(train_module, "LabelCollator", causal_collator)
     recipe = tiny_recipe(
         folder,
         model={"device": device, "dequantize_frozen": True},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -385,16 +384,6 @@ def test_loraplus_gives_the_b_matrices_their_own_rate(
     (lr_a,), (lr_b,) = by_kind["lora_A"], by_kind["lora_B"]
     assert lr_a > 0
     assert lr_b == pytest.approx(lr_a * (ratio or 1.0))
-
-
-@pytest.fixture
-def restore_duck_shapes() -> Iterator[None]:
-    """``compile_decoder_layers`` turns duck shapes off for the process: not for other tests."""
-    from torch.fx.experimental import _config as fx_config
-
-    before = fx_config.use_duck_shape
-    yield
-    fx_config.use_duck_shape = before
 
 
 @pytest.mark.usefixtures("restore_duck_shapes")
