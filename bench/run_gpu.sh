@@ -98,18 +98,14 @@ for name in $STEPS; do
         --steps 26 --warmup-steps 6 --batch-size 512 --set model.dequantize_frozen=true \
         --set model.prepare_kbit=false --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
-    train-smollm2-graphs)
-      for graphs in true false; do
-        step "$name-$graphs" 150 $PY -m bench.train_throughput --model smollm2 --only real \
-          --steps 100 --warmup-steps 40 --set train.cuda_graphs=$graphs \
-          --data-dir "$DATA" --log-dir "$LOGS/$name-$graphs" --out "$LOGS/$name-$graphs.json"
-      done
-      ;;
-    train-smollm2-compile)
-      for compiled in true false; do
-        step "$name-$compiled" 240 $PY -m bench.train_throughput --model smollm2 --only real \
-          --steps 60 --warmup-steps 15 --set train.torch_compile=$compiled \
-          --data-dir "$DATA" --log-dir "$LOGS/$name-$compiled" --out "$LOGS/$name-$compiled.json"
+    train-smollm2-compile | train-smollm2-graphs)
+      # The recipe with the setting, then without it, in the same call.
+      setting=torch_compile budget=240 steps=60 warmup=15
+      [[ $name == *-graphs ]] && setting=cuda_graphs budget=150 steps=100 warmup=40
+      for value in true false; do
+        step "$name-$value" $budget $PY -m bench.train_throughput --model smollm2 --only real \
+          --steps $steps --warmup-steps $warmup --set train.$setting=$value \
+          --data-dir "$DATA" --log-dir "$LOGS/$name-$value" --out "$LOGS/$name-$value.json"
       done
       ;;
     train-qwen)

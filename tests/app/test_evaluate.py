@@ -248,6 +248,10 @@ def test_jobs_survive_a_restart(tiny_llama_dir: Path, tmp_path: Path) -> None:
         assert not running_upload.exists()
         resumed = wait_for_job(client, queued.id)
         assert resumed["status"] == "succeeded" and resumed["result"]["n"] == 7
+        # The worker deletes the upload just after it records the result: wait, do not race it.
+        deadline = time.monotonic() + 10
+        while queued_upload.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert not queued_upload.exists()
     finally:
         client.__exit__(None, None, None)

@@ -309,3 +309,31 @@ def test_padding_follows_the_settings(tiny_recipe: RecipeWriter, tmp_path: Path)
         cfg = load_config(tiny_recipe(tmp_path, train=train))
         assert train_module.pads_lengths(cfg) is pads
     assert COMPILED_PADDING == 8
+
+
+def test_a_resumed_graphed_run_ends_where_an_unbroken_one_ends(
+    tiny_recipe: RecipeWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resuming loads the checkpoint into the parameters the step graphs hand gradients to (a
+    load that replaced them would leave the optimizer without gradients)."""
+    from .test_train import Interrupt, InterruptAfterSave
+
+    def emulated(cfg: Any, model: Any, device: Any, *, world_size: int) -> StepGraphs:
+        return StepGraphs([p for p in model.parameters() if p.requires_grad], record=False)
+
+    monkeypatch.setattr(train_module, "step_graphs_for", emulated)
+    settings: dict[str, Any] = {
+        "train": {"epochs": 2, "learning_rate": 3e-3, "cuda_graphs": True},
+        "eval": {"strategy": "steps", "steps": 10, "early_stopping_patience": None},
+    }
+    unbroken = run_training(load_config(tiny_recipe(tmp_path / "a", **settings)), progress=False)
+    recipe = tiny_recipe(tmp_path / "b", **settings)
+    with pytest.raises(Interrupt):
+        run_training(load_config(recipe), callbacks=[InterruptAfterSave(20)], progress=False)
+    resumed = run_training(load_config(recipe), resume=True, progress=False)
+    assert unbroken is not None and resumed is not None
+    weights_a = load_file(str(unbroken / WEIGHTS_FILE))
+    weights_b = load_file(str(resumed / WEIGHTS_FILE))
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_b[key], weights_a[key], atol=0, rtol=0)
