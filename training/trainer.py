@@ -111,23 +111,17 @@ class NLITrainer(Trainer):
         """Trainer's step, or with ``step_graphs`` the same forward, loss and backward replayed
         from a CUDA graph (right-padded rows under a plain causal mask: ``training.step_graphs``).
         """
+        self.examples_seen += int(inputs["labels"].shape[0])
         if self.step_graphs is None:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
-        self.examples_seen += int(inputs["labels"].shape[0])
 
         def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            ids = batch["input_ids"]
+            mask = causal_mask(batch["input_ids"].shape[1], batch["input_ids"].device)
             with self.compute_loss_context_manager():
-                logits = model(
-                    input_ids=ids,
-                    attention_mask=causal_mask(ids.shape[1], ids.device),
-                    last_index=batch["last_index"],
-                )
-                return F.cross_entropy(
-                    logits, batch["labels"], label_smoothing=self.label_smoothing
-                )
+                loss: torch.Tensor = self.compute_loss(model, {**batch, "attention_mask": mask})
+                return loss
 
         batch = {key: inputs[key] for key in ("input_ids", "last_index", "labels")}
         return self.step_graphs.run(loss_of, batch)
@@ -146,8 +140,6 @@ class NLITrainer(Trainer):
             last_index=inputs["last_index"],
         )
         loss = F.cross_entropy(logits, inputs["labels"], label_smoothing=self.label_smoothing)
-        if model.training:
-            self.examples_seen += int(inputs["labels"].shape[0])
         return (loss, logits) if return_outputs else loss
 
     def prediction_step(
