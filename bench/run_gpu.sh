@@ -19,7 +19,8 @@
 # at batch 512, with a 2-step profile in the logs), train-smollm2-ddp (those settings on one GPU,
 # then under DDP on two: needs the nvidia-h100-x2 kind), train-smollm2-compile (the recipe with
 # train.torch_compile, then without, same call; the compile shows in the first steps' time),
-# train-smollm2-graphs (the recipe with train.cuda_graphs, then without, same call).
+# train-smollm2-graphs (the recipe with train.cuda_graphs and train.torch_compile, with
+# cuda_graphs alone, then with neither, same call).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -98,14 +99,23 @@ for name in $STEPS; do
         --steps 26 --warmup-steps 6 --batch-size 512 --set model.dequantize_frozen=true \
         --set model.prepare_kbit=false --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
-    train-smollm2-compile | train-smollm2-graphs)
-      # The recipe with the setting, then without it, in the same call.
-      setting=torch_compile budget=240 steps=60 warmup=15
-      [[ $name == *-graphs ]] && setting=cuda_graphs budget=150 steps=100 warmup=40
+    train-smollm2-compile)
+      # The recipe compiled, then not, in the same call.
       for value in true false; do
-        step "$name-$value" $budget $PY -m bench.train_throughput --model smollm2 --only real \
-          --steps $steps --warmup-steps $warmup --set train.$setting=$value \
+        step "$name-$value" 240 $PY -m bench.train_throughput --model smollm2 --only real \
+          --steps 60 --warmup-steps 15 --set train.torch_compile=$value \
           --data-dir "$DATA" --log-dir "$LOGS/$name-$value" --out "$LOGS/$name-$value.json"
+      done
+      ;;
+    train-smollm2-graphs)
+      # The recipe graphed and compiled, graphed, then plain, in the same call (~5 minutes).
+      for run in compiled graphed plain; do
+        sets=(--set train.cuda_graphs=$([[ $run == plain ]] && echo false || echo true))
+        sets+=(--set train.torch_compile=$([[ $run == compiled ]] && echo true || echo false))
+        step "$name-$run" $([[ $run == compiled ]] && echo 240 || echo 120) \
+          $PY -m bench.train_throughput --model smollm2 --only real --steps 100 \
+          --warmup-steps 40 "${sets[@]}" --data-dir "$DATA" --log-dir "$LOGS/$name-$run" \
+          --out "$LOGS/$name-$run.json"
       done
       ;;
     train-qwen)

@@ -284,6 +284,7 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         **window_stats(timer, **window),
         "report_examples_per_s": stats["examples_per_s"],
+        "cuda_graphs": stats.get("cuda_graphs"),
         "steps": stats["steps"],
         "batch_size": batch,
         "grad_accum": accum,

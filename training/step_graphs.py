@@ -94,6 +94,10 @@ class StepGraphs:
         """How many shapes have a graph."""
         return len(self._graphs)
 
+    def summary(self) -> dict[str, Any]:
+        """What the report says: graphs recorded, steps run eagerly, why recording stopped."""
+        return {"recorded": self.recorded, "eager_steps": self.eager_steps, "failed": self.broken}
+
     def run(self, loss_fn: LossFn, batch: Batch) -> torch.Tensor:
         """Forward, loss and backward of ``batch``; the detached loss.
 

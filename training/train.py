@@ -348,6 +348,7 @@ def _fit(
         "best_dev_accuracy": state.best_metric,
         "stopped_early": state.global_step < state.max_steps,
         "resumed_from": checkpoint,
+        "cuda_graphs": step_graphs.summary() if step_graphs is not None else None,
         "trainer_metrics": result.metrics,
         "log_history": state.log_history,
     }

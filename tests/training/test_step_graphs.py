@@ -7,6 +7,7 @@ marked ``cuda`` record real graphs and run where a GPU is present.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,8 @@ def _train(
     monkeypatch.setattr(train_module, "pads_lengths", lambda _cfg: True)
     output = run_training(cfg, progress=False)
     assert output is not None
+    reported = json.loads((output / "report.json").read_text())["training"]["cuda_graphs"]
+    assert reported == (made[0].summary() if made else None)
     return load_file(str(output / WEIGHTS_FILE)), made
 
 
