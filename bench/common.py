@@ -58,16 +58,11 @@ def device_busy_s(table: Any) -> float:
     """
     from torch.autograd import DeviceType
 
-    return (
-        float(
-            sum(
-                e.self_device_time_total
-                for e in table
-                if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
-            )
-        )
-        / 1e6
-    )
+    kernels = (
+        e for e in table
+        if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+    )  # fmt: skip
+    return float(sum(e.self_device_time_total for e in kernels)) / 1e6
 
 
 def read_pairs(path: Path, limit: int) -> list[tuple[str, str]]:

@@ -265,8 +265,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 class LabelCollator:
     """Right-pads a batch with ``nli.scoring.collate`` (the padding serving uses).
 
-    ``pad_to_multiple_of`` > 1 (with ``train.torch_compile``): padded lengths share their
-    alignment, which compiled code would otherwise specialise on (one more graph).
+    ``pad_to_multiple_of`` > 1 (with ``train.torch_compile`` or ``train.cuda_graphs``): padded
+    lengths share their alignment, which compiled code would otherwise specialise on (one more
+    graph), and fewer lengths mean fewer recorded CUDA graphs.
     """
 
     pad_id: int

@@ -128,7 +128,8 @@ def skip_lora_input_casts(model: torch.nn.Module) -> int:
 
 
 COMPILED_PADDING = 8
-"""Batches pad to a multiple of this under ``train.torch_compile`` (``LabelCollator``)."""
+"""Batches pad to a multiple of this under ``train.torch_compile`` or ``train.cuda_graphs``
+(``training.train.pads_lengths``, ``LabelCollator``)."""
 
 
 def _require_grad_when_training(module: Any, inputs: Any, output: torch.Tensor) -> None:
