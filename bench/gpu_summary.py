@@ -115,6 +115,14 @@ def classify_rows(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _switched_on(run: dict[str, Any], setting: str) -> bool:
+    """Whether a training run had ``train.<setting>`` on: as its report resolved it (``auto``
+    depends on the machine), else (results before the report said) as it was asked for."""
+    if setting in run:
+        return run[setting] not in (None, False)
+    return f"train.{setting}=true" in run.get("overrides", [])
+
+
 def train_rows(r: dict[str, Any]) -> list[Row]:
     gpu = "CPU" not in r["machine"]
     rows: list[Row] = []
@@ -123,7 +131,7 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
         processes = run.get("processes", 1)
         label = f"training {kind}, {model}" + (f", DDP x{processes}" if processes > 1 else "")
         for setting in ("torch_compile", "cuda_graphs"):
-            if f"train.{setting}=true" in run.get("overrides", []):
+            if _switched_on(run, setting):
                 label += f", {setting}"
         if run["status"] != "ok":
             rows.append((label, "-", run["status"], " / ".join(run.get("log_tail", []))[-200:]))

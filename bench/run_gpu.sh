@@ -15,12 +15,15 @@
 # adapter merged into the weights), plus, only when named: classify-smollm2 and classify-qwen
 # (the weights packed, the library default), graph-accuracy-deq (graphed vs eager, merged),
 # classify-smollm2-eager (NLI_CUDA_GRAPHS=0: the baseline of the CUDA-graph path),
-# graph-accuracy (graphed vs eager scores of the shipped adapter on dev rows 0-1,999), train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings
-# at batch 512, with a 2-step profile in the logs), train-smollm2-ddp (those settings on one GPU,
-# then under DDP on two: needs the nvidia-h100-x2 kind), train-smollm2-compile (the recipe with
-# train.torch_compile, then without, same call; the compile shows in the first steps' time),
-# train-smollm2-graphs (the recipe with train.cuda_graphs and train.torch_compile, with
-# cuda_graphs alone, then with neither, same call).
+# graph-accuracy (graphed vs eager scores of the shipped adapter on dev rows 0-1,999),
+# train-smollm2-fast (the smollm2-135m-snli-fast recipe's model settings at batch 512, eager,
+# with a 2-step profile in the logs), train-smollm2-ddp (those settings on one GPU, then under
+# DDP on two: needs the nvidia-h100-x2 kind), train-smollm2-compile (the recipe with
+# train.torch_compile, then without, both without graphs, same call; the compile shows in the
+# first steps' time), train-smollm2-graphs (the recipe with train.cuda_graphs and
+# train.torch_compile, as its `auto` gives on one GPU, with cuda_graphs alone, then with neither,
+# same call). train-smollm2 is the recipe as it is (compiled and graphed on one GPU) and the
+# naive recipe.
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -83,13 +86,14 @@ for name in $STEPS; do
         --server-log "$LOGS/server-$name.log" --out "$LOGS/$name.json"
       ;;
     train-smollm2)
-      step "$name" 110 $PY -m bench.train_throughput --model smollm2 --naive-baseline \
+      step "$name" 200 $PY -m bench.train_throughput --model smollm2 --naive-baseline \
         --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
     train-smollm2-fast)
       step "$name" 90 $PY -m bench.train_throughput --model smollm2 --only real --steps 40 \
         --warmup-steps 10 --batch-size 512 --set model.dequantize_frozen=true \
-        --set model.prepare_kbit=false --profile 2 \
+        --set model.prepare_kbit=false --set train.torch_compile=false \
+        --set train.cuda_graphs=false --profile 2 \
         --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
     train-smollm2-ddp)
@@ -97,13 +101,14 @@ for name in $STEPS; do
       # 26 steps of 2 x 512 rows stay inside one epoch of train + dev[2000:] (29,484 pairs).
       step "$name" 240 $PY -m bench.train_throughput --model smollm2 --only real --nproc 2 \
         --steps 26 --warmup-steps 6 --batch-size 512 --set model.dequantize_frozen=true \
-        --set model.prepare_kbit=false --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
+        --set model.prepare_kbit=false --set train.torch_compile=false \
+        --set train.cuda_graphs=false --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
     train-smollm2-compile)
       # The recipe compiled, then not, in the same call.
       for value in true false; do
         step "$name-$value" 240 $PY -m bench.train_throughput --model smollm2 --only real \
-          --steps 60 --warmup-steps 15 --set train.torch_compile=$value \
+          --steps 60 --warmup-steps 15 --set train.torch_compile=$value --set train.cuda_graphs=false \
           --data-dir "$DATA" --log-dir "$LOGS/$name-$value" --out "$LOGS/$name-$value.json"
       done
       ;;

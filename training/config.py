@@ -29,6 +29,9 @@ Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit"]
 EvalStrategy = Literal["epoch", "steps"]
 ReportTo = Literal["tensorboard", "none"]
+Switch = bool | Literal["auto"]
+"""A speed setting: on, off, or ``auto`` (on where it is known to help: one process on a CUDA
+GPU; ``training.train.switched_on`` resolves it)."""
 
 
 def snli_dir() -> Path:
@@ -211,16 +214,20 @@ class LoopConfig:
     """Log loss and learning rate every N steps."""
     report_to: ReportTo = "tensorboard"
     """Where metrics go besides the log; TensorBoard logs land in ``<output>.work/runs``."""
-    torch_compile: bool = False
+    torch_compile: Switch = False
     """``torch.compile`` each decoder layer (one graph shared by all layers, dynamic shapes;
-    ``training.model.compile_decoder_layers``). The first step waits for the compile."""
-    cuda_graphs: bool = False
+    ``training.model.compile_decoder_layers``). The first step waits for the compile.
+    ``auto``: only when training is one process on a CUDA GPU."""
+    cuda_graphs: Switch = False
     """Record each batch shape's forward and backward as a CUDA graph and replay it
     (``training.step_graphs``): one launch instead of thousands per step. One CUDA GPU only
-    (elsewhere training runs eagerly, with a warning); needs ``grad_accum: 1``."""
+    (``true`` elsewhere trains eagerly, with a warning); ``true`` needs ``grad_accum: 1``.
+    ``auto``: only when training is one process on a CUDA GPU with ``grad_accum: 1``."""
 
     def __post_init__(self) -> None:
-        if self.cuda_graphs and self.grad_accum != 1:
+        for key in ("torch_compile", "cuda_graphs"):
+            _literal("train", key, getattr(self, key), (True, False, "auto"))
+        if self.cuda_graphs is True and self.grad_accum != 1:
             raise ConfigError(
                 "train.cuda_graphs needs train.grad_accum=1 (a replayed step overwrites the "
                 f"gradients instead of adding to them), got grad_accum={self.grad_accum}"

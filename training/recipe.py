@@ -161,6 +161,13 @@ def coerce(value: Any, hint: Any, *, name: str) -> Any:
                 return coerce(value, option, name=name)
             except ConfigError as exc:
                 errors.append(exc.message)
+        if all(o is bool or typing.get_origin(o) is Literal for o in ordered):  # e.g. Switch
+            words = [
+                word
+                for o in ordered
+                for word in (("true", "false") if o is bool else map(str, typing.get_args(o)))
+            ]
+            raise ConfigError(f"{name} must be one of {', '.join(words)}, got {value!r}")
         raise ConfigError(errors[-1] if errors else f"{name}: invalid value {value!r}")
     if origin is Literal:
         return _coerce_literal(value, typing.get_args(hint), name=name)

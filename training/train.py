@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
@@ -240,17 +240,37 @@ def _check_same_run(cfg: TrainingConfig, saved_path: Path) -> None:
         )
 
 
-def pads_lengths(cfg: TrainingConfig) -> bool:
+def switched_on(
+    cfg: TrainingConfig,
+    setting: Literal["torch_compile", "cuda_graphs"],
+    device: torch.device,
+    *,
+    world_size: int,
+) -> bool:
+    """Whether ``train.<setting>`` is on for this run. ``true`` and ``false`` are taken as they
+    are; ``auto`` is on for one process on a CUDA GPU (and, for ``cuda_graphs``, with
+    ``grad_accum`` 1), the case the speed-ups were measured in (BENCHMARKS.md)."""
+    value = getattr(cfg.train, setting)
+    if value != "auto":
+        return bool(value)
+    one_gpu = device.type == "cuda" and world_size == 1
+    return one_gpu and (setting != "cuda_graphs" or cfg.train.grad_accum == 1)
+
+
+def pads_lengths(cfg: TrainingConfig, device: torch.device, *, world_size: int) -> bool:
     """Whether batches pad to a multiple of ``COMPILED_PADDING``: compiled code specialises on a
     length's alignment, and each padded length is one CUDA graph of the step."""
-    return cfg.train.torch_compile or cfg.train.cuda_graphs
+    return any(
+        switched_on(cfg, setting, device, world_size=world_size)
+        for setting in ("torch_compile", "cuda_graphs")
+    )
 
 
 def step_graphs_for(
     cfg: TrainingConfig, model: torch.nn.Module, device: torch.device, *, world_size: int
 ) -> StepGraphs | None:
     """``StepGraphs`` for ``train.cuda_graphs`` where they can run (one process on a GPU)."""
-    if not cfg.train.cuda_graphs:
+    if not switched_on(cfg, "cuda_graphs", device, world_size=world_size):
         return None
     if device.type != "cuda" or world_size > 1:
         where = "several processes" if world_size > 1 else f"device {device}"
@@ -274,7 +294,8 @@ def _fit(
     base, model = build_training_model(cfg.model, cfg.lora, device=training_device(cfg, dist))
     if use_bf16(cfg, base.device):
         skip_lora_input_casts(model)
-    if cfg.train.torch_compile:
+    compiled = switched_on(cfg, "torch_compile", base.device, world_size=dist.world_size)
+    if compiled:
         compile_decoder_layers(model)
     step_graphs = step_graphs_for(cfg, model, base.device, world_size=dist.world_size)
     encoder = PairEncoder(
@@ -307,7 +328,11 @@ def _fit(
         eval_dataset=data.dev,
         data_collator=LabelCollator(
             pad_id=base.tokenizer.pad_token_id,
-            pad_to_multiple_of=COMPILED_PADDING if pads_lengths(cfg) else 1,
+            pad_to_multiple_of=(
+                COMPILED_PADDING
+                if pads_lengths(cfg, base.device, world_size=dist.world_size)
+                else 1
+            ),
         ),
         compute_metrics=dev_metrics,
         callbacks=extra + callbacks,
@@ -317,7 +342,8 @@ def _fit(
         step_graphs=step_graphs,
     )
     logger.info(
-        "training %s on %s: %d examples, batch %d x %d accumulation x %d process(es), bf16 %s",
+        "training %s on %s: %d examples, batch %d x %d accumulation x %d process(es), "
+        "bf16 %s, compiled layers %s, CUDA graphs %s",
         cfg.name,
         base.device,
         len(data.train),
@@ -325,6 +351,8 @@ def _fit(
         cfg.train.grad_accum,
         dist.world_size,
         use_bf16(cfg, base.device),
+        compiled,
+        step_graphs is not None,
     )
     if base.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(base.device)
@@ -348,6 +376,7 @@ def _fit(
         "best_dev_accuracy": state.best_metric,
         "stopped_early": state.global_step < state.max_steps,
         "resumed_from": checkpoint,
+        "torch_compile": compiled,
         "cuda_graphs": step_graphs.summary() if step_graphs is not None else None,
         "trainer_metrics": result.metrics,
         "log_history": state.log_history,

@@ -196,6 +196,48 @@ def test_cuda_graphs_need_one_accumulation_step(tiny_recipe: RecipeWriter, tmp_p
         load_config(recipe)
 
 
+def test_auto_graphs_with_accumulation_train_eagerly(
+    tiny_recipe: RecipeWriter, tmp_path: Path
+) -> None:
+    cfg = load_config(tiny_recipe(tmp_path, train={"cuda_graphs": "auto", "grad_accum": 2}))
+    assert not train_module.switched_on(cfg, "cuda_graphs", torch.device("cuda"), world_size=1)
+
+
+@pytest.mark.parametrize("value", ["maybe", 2])
+def test_speed_switches_refuse_other_values(
+    tiny_recipe: RecipeWriter, tmp_path: Path, value: object
+) -> None:
+    for setting in ("torch_compile", "cuda_graphs"):
+        with pytest.raises(ConfigError, match=f"train.{setting}"):
+            load_config(tiny_recipe(tmp_path, train={setting: value}))
+
+
+@pytest.mark.parametrize(
+    ("value", "device", "world_size", "on"),
+    [
+        ("auto", "cuda", 1, True),
+        ("auto", "cuda:1", 1, True),
+        ("auto", "cpu", 1, False),
+        ("auto", "cuda", 2, False),  # DDP: neither was measured there
+        (True, "cpu", 1, True),  # asked for: compiles on the CPU; graphs warn (below)
+        (False, "cuda", 1, False),
+    ],
+)
+def test_speed_switches_resolve_per_device(
+    tiny_recipe: RecipeWriter,
+    tmp_path: Path,
+    value: object,
+    device: str,
+    world_size: int,
+    on: bool,
+) -> None:
+    cfg = load_config(tiny_recipe(tmp_path, train={"torch_compile": value, "cuda_graphs": value}))
+    where = torch.device(device)
+    for setting in ("torch_compile", "cuda_graphs"):
+        assert train_module.switched_on(cfg, setting, where, world_size=world_size) is on
+    assert train_module.pads_lengths(cfg, where, world_size=world_size) is on
+
+
 def test_without_a_gpu_the_setting_warns_and_trains_eagerly(
     tiny_recipe: RecipeWriter, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -203,6 +245,20 @@ def test_without_a_gpu_the_setting_warns_and_trains_eagerly(
     with caplog.at_level(logging.WARNING, logger="training.train"):
         assert run_training(load_config(recipe), progress=False) is not None
     assert "train.cuda_graphs needs one CUDA GPU" in caplog.text
+
+
+def test_auto_settings_stay_off_quietly_on_the_cpu(
+    tiny_recipe: RecipeWriter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the SmolLM2 recipes ask for, on a machine without a GPU: an eager run, no warning,
+    and a report that says neither was used."""
+    train = {"max_steps": 2, "cuda_graphs": "auto", "torch_compile": "auto"}
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        output = run_training(load_config(tiny_recipe(tmp_path, train=train)), progress=False)
+    assert output is not None
+    assert "needs one CUDA GPU" not in caplog.text
+    training = json.loads((output / "report.json").read_text())["training"]
+    assert training["torch_compile"] is False and training["cuda_graphs"] is None
 
 
 def _train(
@@ -250,7 +306,7 @@ def _train(
         eval={"strategy": "steps", "compare_base": False},
     )
     cfg = load_config(recipe)
-    monkeypatch.setattr(train_module, "pads_lengths", lambda _cfg: True)
+    monkeypatch.setattr(train_module, "pads_lengths", lambda *_args, **_kwargs: True)
     output = run_training(cfg, progress=False)
     assert output is not None
     reported = json.loads((output / "report.json").read_text())["training"]["cuda_graphs"]
@@ -304,13 +360,15 @@ def test_recorded_training_ends_where_eager_training_ends(
 
 
 def test_padding_follows_the_settings(tiny_recipe: RecipeWriter, tmp_path: Path) -> None:
+    gpu = torch.device("cuda")
     for train, pads in (
         ({}, False),
         ({"cuda_graphs": True}, True),
         ({"torch_compile": True}, True),
+        ({"torch_compile": "auto"}, True),
     ):
         cfg = load_config(tiny_recipe(tmp_path, train=train))
-        assert train_module.pads_lengths(cfg) is pads
+        assert train_module.pads_lengths(cfg, gpu, world_size=1) is pads
     assert COMPILED_PADDING == 8
 
 
