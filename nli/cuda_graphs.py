@@ -44,7 +44,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -391,6 +391,42 @@ class _Graph:
     replay: Callable[[], None]
 
 
+T = TypeVar("T")
+CaptureErrorMode = Literal["global", "thread_local", "relaxed"]
+
+
+class GraphRecorder:
+    """Records CUDA graphs into one memory pool shared by all of them (graphs replayed one at a
+    time may share it: what one replay leaves behind is dead once it ends). Used by serving
+    (``SmallBatchGraphs``) and training (``training.step_graphs``).
+
+    Each recording first runs ``warm_up`` on a side stream: lazy initialisation (cuBLAS
+    workspaces, compiled code for a new shape, autotuning) must not be recorded. The pool is
+    created on the first recording, so building a recorder touches no GPU.
+    """
+
+    def __init__(self, *, capture_error_mode: CaptureErrorMode = "global") -> None:
+        self.capture_error_mode = capture_error_mode
+        self._pool: Any = None  # torch.cuda.graph_pool_handle()
+
+    def record(
+        self, body: Callable[[], T], *, warm_up: Callable[[], object], device: torch.device
+    ) -> tuple[T, Callable[[], None]]:
+        """Warm up, then record ``body`` into a new graph: (what ``body`` returned, the graph's
+        replay). The returned tensors are the graph's outputs: each replay rewrites them."""
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            warm_up()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_error_mode):
+            out = body()
+        return out, graph.replay
+
+
 class SmallBatchGraphs:
     """Graphed scoring of small single-adapter batches (``NLIClassifier(cuda_graphs=True)``).
 
@@ -408,7 +444,7 @@ class SmallBatchGraphs:
         self._decoder: Any = None
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._layers: dict[str, Any] | None = None  # PEFT's LoRA layers; walked again after forget
-        self._pool: Any = None
+        self._recorder = GraphRecorder()
         self._unfit: dict[str, str] = {}  # adapter -> why it runs eagerly (logged once)
         self.broken: str | None = None  # why recording failed; the classifier stops using us
 
@@ -561,18 +597,12 @@ class SmallBatchGraphs:
         self, forward: Callable[[], torch.Tensor]
     ) -> tuple[torch.Tensor, Callable[[], None]]:
         """Record ``forward`` into a CUDA graph: (its output, the graph's replay)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy initialisation must not be recorded
+
+        def warm_up() -> None:
+            for _ in range(2):
                 forward()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, pool=self._pool):
-            probs = forward()
-        return probs, cuda_graph.replay
+
+        return self._recorder.record(forward, warm_up=warm_up, device=self.device)
 
 
 def _copy_in(static: torch.Tensor, values: np.ndarray) -> None:

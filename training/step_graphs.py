@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from nli.cuda_graphs import GraphRecorder
+
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
@@ -87,7 +89,8 @@ class StepGraphs:
         self.broken: str | None = None
         self.eager_steps = 0
         self._graphs: dict[tuple[tuple[str, tuple[int, ...]], ...], _StepGraph] = {}
-        self._pool: Any = None  # torch.cuda.graph_pool_handle()
+        # thread_local: the data loader's pinning thread may call CUDA during a recording.
+        self._recorder = GraphRecorder(capture_error_mode="thread_local")
 
     @property
     def recorded(self) -> int:
@@ -151,25 +154,21 @@ class StepGraphs:
         return graph
 
     def _record(self, inputs: Batch, loss_fn: LossFn) -> _StepGraph:
-        device = next(iter(inputs.values())).device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            # Lazy initialisation (cuBLAS workspaces, compiled code for a new shape, autotuning)
-            # must not be recorded; this step's real gradients come from the first replay.
+        def warm_up() -> None:
+            # This step's real gradients come from the first replay, not from the warm-up.
             loss_fn(inputs).backward()
             self._clear_grads()
-        torch.cuda.current_stream(device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        cuda_graph = torch.cuda.CUDAGraph()
-        # thread_local: the data loader's pinning thread may call CUDA during the recording.
-        with torch.cuda.graph(cuda_graph, pool=self._pool, capture_error_mode="thread_local"):
+
+        def step() -> torch.Tensor:
             loss = loss_fn(inputs)
             loss.backward()
+            return loss
+
+        device = next(iter(inputs.values())).device
+        loss, replay = self._recorder.record(step, warm_up=warm_up, device=device)
         grads = [p.grad for p in self.params]
         self._clear_grads()
-        return _StepGraph(inputs, loss, grads, cuda_graph.replay)
+        return _StepGraph(inputs, loss, grads, replay)
 
     def _emulate(self, inputs: Batch, loss_fn: LossFn) -> _StepGraph:
         """What ``_record`` builds, run eagerly: the same static inputs and gradient buffers."""
