@@ -2,9 +2,9 @@
 
     python -m bench.gpu_summary RESULT.json [...]
 
-Reads what ``bench.classify_latency``, ``bench.train_throughput`` and ``bench.eval_throughput``
-write with ``--out`` and prints a Markdown table (target, goal, measured, where, commit): the
-short summary ``bench/run_gpu.sh`` ends with.
+Reads what ``bench.classify_latency``, ``bench.train_throughput``, ``bench.eval_throughput``
+and ``bench.graph_accuracy`` write with ``--out`` and prints a Markdown table (target, goal,
+measured, where, commit): the short summary ``bench/run_gpu.sh`` ends with.
 """
 
 from __future__ import annotations
@@ -210,6 +210,29 @@ def eval_rows(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def graph_accuracy_rows(r: dict[str, Any]) -> list[Row]:
+    slot = r.get("slot") or "no slot"
+    label = f"graphed vs eager scores, {slot}" + (", dequantized" if r.get("dequantized") else "")
+    graphs, eager = 100 * r["accuracy_graphs"], 100 * r["accuracy_eager"]
+    return [
+        (
+            label,
+            "same accuracy within noise",
+            f"{graphs:.2f}% graphed vs {eager:.2f}% eager",
+            f"{r['rows']} rows, {r['same_label']} with the same label, largest probability gap "
+            f"{r['max_prob_gap']}, graphs recorded: {r['recorded']}",
+        )
+    ]
+
+
+ROWS = {
+    "classify_latency": classify_rows,
+    "train_throughput": train_rows,
+    "eval_throughput": eval_rows,
+    "graph_accuracy": graph_accuracy_rows,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", nargs="*", type=Path)
@@ -224,9 +247,7 @@ def main() -> None:
         kind = result.get("benchmark")
         where = result.get("machine") or result.get("card", "?")
         commit = result.get("commit") or "?"
-        make = {"classify_latency": classify_rows, "train_throughput": train_rows}.get(
-            kind, eval_rows if kind == "eval_throughput" else None
-        )
+        make = ROWS.get(kind)
         if make is None:
             print(f"skipping {path}: unknown benchmark {kind!r}")
             continue

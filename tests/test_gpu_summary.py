@@ -1,0 +1,66 @@
+"""``bench.gpu_summary``: the table ``bench/run_gpu.sh`` ends with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import gpu_summary
+
+
+def _train_result(**run: Any) -> dict[str, Any]:
+    base = {
+        "model": "smollm2",
+        "kind": "real",
+        "status": "ok",
+        "examples_per_s": 2100.0,
+        "batch_size": 128,
+        "overrides": [],
+    }
+    return {"benchmark": "train_throughput", "machine": "NVIDIA H100", "runs": [base | run]}
+
+
+@pytest.mark.parametrize(
+    ("run", "label"),
+    [
+        # What the run's report resolved (the recipe's `auto` depends on the machine).
+        (
+            {"torch_compile": True, "cuda_graphs": {"recorded": 7}},
+            "training real, smollm2, torch_compile, cuda_graphs",
+        ),
+        ({"torch_compile": False, "cuda_graphs": None}, "training real, smollm2"),
+        # Results from before the report said: what was asked for.
+        ({"overrides": ["train.cuda_graphs=true"]}, "training real, smollm2, cuda_graphs"),
+    ],
+)
+def test_training_rows_name_the_speed_settings_used(run: dict[str, Any], label: str) -> None:
+    (row,) = gpu_summary.train_rows(_train_result(**run))
+    assert row[0] == label
+    assert row[2] == "2100.0 ex/s (met)"
+
+
+def test_graph_accuracy_results_get_a_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = {
+        "benchmark": "graph_accuracy",
+        "dequantized": True,
+        "recorded": True,
+        "slot": "MergedSlot",
+        "rows": 2000,
+        "accuracy_graphs": 0.8515,
+        "accuracy_eager": 0.853,
+        "same_label": 1987,
+        "max_prob_gap": 0.1167,
+    }
+    path = tmp_path / "graph-accuracy.json"
+    path.write_text(json.dumps(result) + "\n")
+    monkeypatch.setattr("sys.argv", ["gpu_summary", str(path)])
+    gpu_summary.main()
+    out = capsys.readouterr().out
+    assert "skipping" not in out
+    assert "| graphed vs eager scores, MergedSlot, dequantized |" in out
+    assert "85.15% graphed vs 85.30% eager" in out
