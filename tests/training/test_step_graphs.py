@@ -64,16 +64,15 @@ def _models(tmp_path: Path, tiny_recipe: RecipeWriter, device: str) -> tuple[Any
 def _batches(tokenizer: Any, device: str) -> list[EncodedBatch]:
     """Batches of two shapes, the first shape twice: A, B, A."""
     encoder = PairEncoder(tokenizer, get_prompt_format(1), max_length=96)
-    batches = []
-    for pairs in (PAIRS[:2], PAIRS, PAIRS[1::-1]):
-        batch = collate(encoder.encode(pairs), pad_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
-        batches.append(
-            EncodedBatch(
-                batch.input_ids.to(device),
-                batch.attention_mask.to(device),
-                batch.last_index.to(device),
-            )
+    batches = [
+        collate(
+            encoder.encode(pairs),
+            pad_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=8,
+            device=device,
         )
+        for pairs in (PAIRS[:2], PAIRS, PAIRS[1::-1])
+    ]
     shapes = [tuple(b.input_ids.shape) for b in batches]
     assert shapes[0] == shapes[2] != shapes[1]
     assert any(bool((b.attention_mask == 0).any()) for b in batches)  # padding to hide
