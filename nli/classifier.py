@@ -17,7 +17,7 @@ import torch
 from nli import lora_fast_attach
 from nli.cuda_graphs import GraphSettings, SmallBatchGraphs
 from nli.errors import AdapterConflictError, AdapterInvalidError, AdapterNotFoundError
-from nli.layer_compile import LayerCompiledDecoder
+from nli.layer_compile import LayerCompiledDecoder, compile_settings
 from nli.loading import LoadedBase, free_device_memory, keep_cpu_packed_weights
 from nli.manifest import (
     PEFT_CONFIG_FILE,
@@ -618,6 +618,16 @@ class NLIClassifier:
             else:
                 # Compiling the decoder module itself would be bypassed (callers reach its
                 # forward through get_decoder()); compiling the bound forward takes effect.
-                forward = torch.compile(decoder.forward, dynamic=True)
+                forward = _under_compile_settings(torch.compile(decoder.forward, dynamic=True))
             self._compiled = (decoder, forward)
         return self._compiled[1]
+
+
+def _under_compile_settings(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """``compiled`` run under ``nli.layer_compile.compile_settings`` (Dynamo traces at a call)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with compile_settings():
+            return compiled(*args, **kwargs)
+
+    return forward

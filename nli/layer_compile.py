@@ -18,6 +18,7 @@ forward (``nli.prefix_cache``).
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,7 +49,13 @@ class LayerCompiledDecoder:
     (``NLIClassifier`` holds its forward lock).
     """
 
-    def __init__(self, decoder: Any, cache_argument: str, *, backend: str = "inductor") -> None:
+    def __init__(
+        self,
+        decoder: Any,
+        cache_argument: str,
+        *,
+        backend: str | Callable[..., Any] = "inductor",
+    ) -> None:
         self.decoder = decoder
         self.cache_argument = cache_argument
         self.layers = list(decoder.layers)
@@ -60,9 +67,7 @@ class LayerCompiledDecoder:
                 self._compiled[cls] = torch.compile(cls.forward, dynamic=True, backend=backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # Duck shaping gives equal sizes one symbol, so a batch of 64 rows would be specialised to
-        # a head size of 64 and the next batch size would recompile.
-        with _no_duck_shapes(), self._installed():
+        with compile_settings(), self._installed():
             return self.decoder.forward(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -92,26 +97,43 @@ class LayerCompiledDecoder:
         return forward
 
 
-def disable_duck_shapes() -> None:
-    """For the rest of the process, compiled code gives equal sizes no shared symbol.
-
-    For compiles that start where no context manager can reach (inside ``Trainer``).
-    """
-    config = _duck_shape_config()
-    if config is not None:
-        config.use_duck_shape = False
-
-
-def _no_duck_shapes() -> contextlib.AbstractContextManager[Any]:
-    config = _duck_shape_config()
-    if config is None or not hasattr(config, "patch"):
-        return contextlib.nullcontext()
-    return config.patch(use_duck_shape=False)
+def compile_settings() -> contextlib.AbstractContextManager[Any]:
+    """The Dynamo settings this project's compiles run under (``_SETTINGS``), while the block
+    runs: hold it around the first call of compiled code, where Dynamo traces."""
+    stack = contextlib.ExitStack()
+    for config, name, value in _settings():
+        stack.enter_context(config.patch(**{name: value}))
+    return stack
 
 
-def _duck_shape_config() -> Any | None:
-    """PyTorch's (private, torch 2.13) shape settings, if they hold ``use_duck_shape``; without
-    the setting the cost is only an occasional recompile."""
-    from torch.fx.experimental import _config as fx_config
+def use_compile_settings() -> None:
+    """For the rest of the process, ``compile_settings``: for compiles that start where no
+    context manager can reach (inside ``Trainer``)."""
+    for config, name, value in _settings():
+        setattr(config, name, value)
 
-    return fx_config if hasattr(fx_config, "use_duck_shape") else None
+
+_SETTINGS = (
+    # Duck shaping gives equal sizes one symbol: a batch of 64 rows would be specialised to a
+    # head size of 64 (or batch 128 to a 128-token batch) and the next size would recompile.
+    ("torch.fx.experimental._config", "use_duck_shape", False),
+    # With dynamic shapes Dynamo also passes every Python float the layer reads (LoRA's
+    # alpha/r, the norms' epsilon, the attention scale) into the graph as a float64 CPU
+    # scalar, for which Inductor writes C++ kernels: a C++ compile, probes of the CPU's vector
+    # instructions, file locks. That was most of the first training step (H100: 80.6 s with
+    # empty caches, 61.2 s warm; 19.2 s and 5.7 s with floats specialised, BENCHMARKS.md).
+    # Specialised, the values become constants the graph guards on; every layer holds the same
+    # ones, and an adapter with another alpha/r recompiles once.
+    ("torch._dynamo.config", "specialize_float", True),
+)
+
+
+def _settings() -> list[tuple[Any, str, object]]:
+    """``_SETTINGS`` that this PyTorch has (private modules, checked against torch 2.11 and
+    2.13); a missing one costs compile time, never correctness."""
+    found: list[tuple[Any, str, object]] = []
+    for module, name, value in _SETTINGS:
+        config = importlib.import_module(module)
+        if hasattr(config, name) and hasattr(config, "patch"):
+            found.append((config, name, value))
+    return found

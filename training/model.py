@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 
-from nli.layer_compile import disable_duck_shapes
+from nli.layer_compile import use_compile_settings
 from nli.loading import LoadedBase, dequantize_4bit_linears, is_4bit, load_base_model
 from nli.scoring import EncodedBatch, LabelTokens, label_logits, label_tokens, split_peft
 from training.config import LoraSettings, ModelConfig
@@ -137,7 +138,9 @@ def _require_grad_when_training(module: Any, inputs: Any, output: torch.Tensor) 
         output.requires_grad_(True)
 
 
-def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor") -> int:
+def compile_decoder_layers(
+    model: torch.nn.Module, *, backend: str | Callable[..., Any] = "inductor"
+) -> int:
     """``torch.compile`` each decoder layer, with dynamic shapes; return how many.
 
     The layers run the same code on weights of the same shapes, and compiled code is kept per
@@ -157,9 +160,9 @@ def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor")
     decoder = causal_lm.get_decoder()
     for layer in decoder.layers:
         layer.compile(dynamic=True, backend=backend)
-    # Equal sizes (batch 128 and a 128-token batch, 64 tokens and the head size) would share
-    # one symbol, and its specialisation would recompile at the next length.
-    disable_duck_shapes()
+    # Trainer makes the first call, out of reach of a context manager: no shared symbols for
+    # equal sizes (batch 128, 128 tokens), floats as constants (nli.layer_compile._SETTINGS).
+    use_compile_settings()
     logger.info(
         "compiling the %d decoder layers (one shared graph); the first step waits",
         len(decoder.layers),

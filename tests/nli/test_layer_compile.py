@@ -16,6 +16,7 @@ from nli.layer_compile import LayerCompiledDecoder
 from nli.loading import LoadedBase, load_base_model
 from nli.prefix_cache import cache_argument, compute_prefix_states, prefixed_label_logits
 from nli.scoring import collate, label_logits, split_peft
+from tests.compile_backends import RecordingBackend
 from tests.nli.adapters import make_adapter
 
 PAIRS = [
@@ -131,3 +132,24 @@ def test_the_classifier_scores_adapters_through_the_compiled_layers(
     # one graph per PEFT state (adapter active, adapter layers disabled), not one per layer
     assert counters["stats"]["unique_graphs"] == 2
     assert all("forward" not in vars(layer) for layer in decoder.layers)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_python_floats_are_constants_of_the_compiled_layer(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """LoRA's alpha/r and the norms' epsilon reach the compiler as constants, not as float
+    scalar inputs (float64 CPU tensors, for which Inductor builds C++ kernels: most of the
+    first compiled step's time on a GPU)."""
+    classifier = NLIClassifier(load_base_model(str(tiny_model_dir), device="cpu"))
+    classifier.attach_adapter(make_adapter(tiny_model_dir, tmp_path / "lora", seed=3), name="a")
+    decoder = decoder_of(classifier.base)
+    backend = RecordingBackend()
+    classifier.compile = True
+    classifier._compiled = (
+        decoder,
+        LayerCompiledDecoder(decoder, cache_argument(decoder), backend=backend),
+    )
+    classifier.score_pairs(PAIRS, adapter="a")
+    assert backend.inputs  # the layer was traced
+    assert backend.float_scalars() == []

@@ -110,10 +110,11 @@ def tiny_recipe(
 
 
 @pytest.fixture
-def restore_duck_shapes() -> Iterator[None]:
-    """``compile_decoder_layers`` turns duck shapes off for the process: not for other tests."""
+def restore_compile_settings() -> Iterator[None]:
+    """``compile_decoder_layers`` changes compile settings for the process: not for other tests."""
+    import torch._dynamo.config as dynamo_config
     from torch.fx.experimental import _config as fx_config
 
-    before = fx_config.use_duck_shape
+    before = fx_config.use_duck_shape, dynamo_config.specialize_float
     yield
-    fx_config.use_duck_shape = before
+    fx_config.use_duck_shape, dynamo_config.specialize_float = before

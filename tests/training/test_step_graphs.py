@@ -136,7 +136,7 @@ def test_graphed_steps_with_a_causal_mask_match_eager_steps_with_padding_masks(
     _compare_steps(eager, graphed, _batches(tokenizer, "cpu"), record=False)
 
 
-@pytest.mark.usefixtures("restore_duck_shapes")
+@pytest.mark.usefixtures("restore_compile_settings")
 def test_compiled_layers_do_not_recompile_when_a_recording_starts(
     tiny_recipe: RecipeWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
