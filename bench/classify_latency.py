@@ -242,52 +242,63 @@ def batching_between(
 # -- phases -----------------------------------------------------------------------------------
 
 
-def direct_baseline(
-    base_model: str,
-    adapter: Path | None,
-    pairs: list[tuple[str, str]],
-    *,
-    device: str,
-    quantization: str,
-    warmup: int,
-    requests: int,
-    dequantize: bool = False,
-    cuda_graphs: bool = True,
-) -> dict[str, Any]:
-    """Latency of ``NLIClassifier.score_pairs`` on one pair in this process: no HTTP, no queue.
+class DirectScorer:
+    """``NLIClassifier.score_pairs`` on one pair in this process: no HTTP, no queue.
 
     The gap to ``one_client`` is what the service adds (HTTP, validation, batching worker).
+    Loading is separate from measuring so that the model loads while the server starts; the
+    measurement waits until the server is ready and idle.
     """
-    import gc
 
-    import torch
+    def __init__(
+        self,
+        base_model: str,
+        adapter: Path | None,
+        *,
+        device: str,
+        quantization: str,
+        dequantize: bool = False,
+        cuda_graphs: bool = True,
+    ) -> None:
+        from nli.classifier import NLIClassifier
+        from nli.loading import load_base_model
 
-    from nli.classifier import NLIClassifier
-    from nli.loading import free_device_memory, load_base_model
+        base = load_base_model(
+            base_model,
+            quantization=quantization,  # type: ignore[arg-type]
+            device=device,
+            dequantize=dequantize,
+        )
+        self.device = base.device
+        self.classifier: Any = NLIClassifier(base, cuda_graphs=cuda_graphs)
+        self.adapter = None
+        if adapter is not None:
+            self.adapter = adapter.name
+            self.classifier.attach_adapter(adapter, name=self.adapter)
 
-    base = load_base_model(
-        base_model,
-        quantization=quantization,  # type: ignore[arg-type]
-        device=device,
-        dequantize=dequantize,
-    )
-    classifier = NLIClassifier(base, cuda_graphs=cuda_graphs)
-    name = None
-    if adapter is not None:
-        name = adapter.name
-        classifier.attach_adapter(adapter, name=name)
-    latencies = []
-    for i in range(warmup + requests):
-        started = time.perf_counter()
-        classifier.score_pairs([pairs[i % len(pairs)]], name)  # answers on the host: synced
-        if i >= warmup:
-            latencies.append(time.perf_counter() - started)
-    result = {**latency_summary(latencies), "threads": torch.get_num_threads()}
-    on = base.device
-    del classifier, base
-    gc.collect()
-    free_device_memory(on)
-    return result
+    def latency(
+        self, pairs: list[tuple[str, str]], *, warmup: int, requests: int
+    ) -> dict[str, Any]:
+        import torch
+
+        latencies = []
+        for i in range(warmup + requests):
+            started = time.perf_counter()
+            # the answers come back to the host: synced
+            self.classifier.score_pairs([pairs[i % len(pairs)]], self.adapter)
+            if i >= warmup:
+                latencies.append(time.perf_counter() - started)
+        return {**latency_summary(latencies), "threads": torch.get_num_threads()}
+
+    def close(self) -> None:
+        """Give the model's device memory back before the server is measured."""
+        import gc
+
+        from nli.loading import free_device_memory
+
+        self.classifier = None
+        gc.collect()
+        free_device_memory(self.device)
 
 
 def one_client(
@@ -572,29 +583,35 @@ def main() -> None:
         "adapter": {"rank": args.rank, "alpha": args.alpha, "dtype": args.adapter_dtype,
                     "bytes": adapter_bytes, "made_in_s": round(adapters_s, 1)},
     }  # fmt: skip
-    if args.direct_baseline:
-        found = [
-            root / args.default_adapter
-            for root in (adapters_dir, REPO_ROOT / "adapters")
-            if args.default_adapter != "base" and (root / args.default_adapter).is_dir()
-        ]
-        result["direct"] = direct_baseline(
-            base_model, found[0] if found else None, pairs, device=args.device,
-            quantization=args.quantization, warmup=args.warmup, requests=args.requests,
-            dequantize=settings.get("NLI_DEQUANTIZE", "").lower() in ("1", "true", "yes"),
-            cuda_graphs=settings.get("NLI_CUDA_GRAPHS", "1").lower() in ("1", "true", "yes"),
-        )  # fmt: skip
-        print(f"direct score_pairs: {result['direct']}", flush=True)
+    t = time.perf_counter()
     server = start_server(env, port, log, args.access_log)
+    direct: DirectScorer | None = None
     try:
-        t = time.perf_counter()
+        if args.direct_baseline:
+            found = [
+                root / args.default_adapter
+                for root in (adapters_dir, REPO_ROOT / "adapters")
+                if args.default_adapter != "base" and (root / args.default_adapter).is_dir()
+            ]
+            direct = DirectScorer(
+                base_model, found[0] if found else None, device=args.device,
+                quantization=args.quantization,
+                dequantize=settings.get("NLI_DEQUANTIZE", "").lower() in ("1", "true", "yes"),
+                cuda_graphs=settings.get("NLI_CUDA_GRAPHS", "1").lower() in ("1", "true", "yes"),
+            )  # fmt: skip
         ready = wait_ready(url, server, args.ready_timeout)
+        # since the server process started (the direct baseline's model loads meanwhile)
         result["ready"] = {**ready, "seconds": round(time.perf_counter() - t, 1)}
         if ready.get("cuda_graphs") == "on":
             t = time.perf_counter()
             recorded = wait_graphs(url)
             result["ready"]["graphs_ahead_of_traffic"] = recorded
             result["ready"]["graphs_seconds"] = round(time.perf_counter() - t, 1)
+        if direct is not None:  # the server is ready and idle: nothing shares the GPU
+            result["direct"] = direct.latency(pairs, warmup=args.warmup, requests=args.requests)
+            direct.close()
+            direct = None
+            print(f"direct score_pairs: {result['direct']}", flush=True)
         with httpx.Client(base_url=url, timeout=120.0) as client:
             if "one_client" in args.phases:
                 result["one_client"] = one_client(
@@ -617,6 +634,8 @@ def main() -> None:
                 result["swaps_under_load"] = swaps_under_load(client, url, pairs, procs, args)
                 print(f"swaps under load: {result['swaps_under_load']}", flush=True)
     finally:
+        if direct is not None:
+            direct.close()
         result["server_exit"] = stop_server(server)
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

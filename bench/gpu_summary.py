@@ -182,6 +182,14 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _timed_passes(row: dict[str, Any]) -> str:
+    """ ", best of 2 passes (0.62, 0.65 s)" where the result lists its passes."""
+    timed = row.get("passes_s", [])[1:]
+    if len(timed) < 2:
+        return ""
+    return f", best of {len(timed)} passes ({', '.join(str(s) for s in timed)} s)"
+
+
 def eval_rows(r: dict[str, Any]) -> list[Row]:
     model = r["model"]
     goal = EVAL_GOAL.get(model)
@@ -194,7 +202,7 @@ def eval_rows(r: dict[str, Any]) -> list[Row]:
                 f">= {goal} pairs/s" if goal else "-",
                 f"{rate} pairs/s" + (f" ({mark(rate, goal)})" if goal else ""),
                 f"batch {row['batch_size']}, {row['pairs']} pairs, accuracy {row['accuracy']}, "
-                f"first pass {row['warmup_s']} s",
+                f"first pass {row['warmup_s']} s" + _timed_passes(row),
             )
         )
     if r.get("generate_pairs_per_s"):

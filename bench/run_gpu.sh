@@ -139,12 +139,12 @@ for name in $STEPS; do
       ;;
     eval-smollm2)
       step "$name" 170 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
-        --configs plain prefix+overlap+compile --batch-sizes 1024 --repeats 1 \
+        --configs plain prefix+overlap+compile --batch-sizes 1024 --repeats 2 \
         --out "$LOGS/$name.json"
       ;;
     eval-qwen)
       step "$name" 200 $PY -m bench.eval_throughput --model qwen2-1.5b --data "$DATA/test.jsonl" \
-        --configs plain prefix+overlap+compile --batch-sizes 1024 --repeats 1 \
+        --configs plain prefix+overlap+compile --batch-sizes 1024 --repeats 2 \
         --generate-baseline 20 --out "$LOGS/$name.json"
       ;;
     *) NOTES+=("$name: unknown step") ;;

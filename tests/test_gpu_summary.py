@@ -64,3 +64,24 @@ def test_graph_accuracy_results_get_a_row(
     assert "skipping" not in out
     assert "| graphed vs eager scores, MergedSlot, dequantized |" in out
     assert "85.15% graphed vs 85.30% eager" in out
+
+
+@pytest.mark.parametrize(
+    ("passes", "tail"),
+    [
+        ([10.5, 0.66, 0.64], "first pass 10.5 s, best of 2 passes (0.66, 0.64 s)"),
+        ([10.5, 0.64], "first pass 10.5 s"),  # one timed pass: nothing to choose from
+        (None, "first pass 10.5 s"),  # results from before passes were recorded
+    ],
+)
+def test_eval_rows_show_the_passes_the_best_came_from(
+    passes: list[float] | None, tail: str
+) -> None:
+    row = {"config": "plain", "batch_size": 1024, "pairs": 9824, "accuracy": 0.328}
+    row |= {"pairs_per_s": 15350, "warmup_s": 10.5}
+    if passes is not None:
+        row["passes_s"] = passes
+    result = {"benchmark": "eval_throughput", "model": "smollm2", "results": [row]}
+    (got,) = gpu_summary.eval_rows(result)
+    assert got[2] == "15350 pairs/s (met)"
+    assert got[3].endswith(tail)
