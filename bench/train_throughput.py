@@ -71,8 +71,8 @@ DEFAULT_STEPS = {
     # The recipe compiles and records graphs on a GPU: its first ~40 steps compile and record.
     ("real", "smollm2"): (100, 40),
     ("real", "other"): (30, 6),
-    ("low-memory", "other"): (15, 3),
-    ("naive", "smollm2"): (30, 5),
+    ("low-memory", "other"): (10, 3),
+    ("naive", "smollm2"): (15, 5),
     ("naive", "other"): (15, 3),
 }
 
