@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite of issue 6 in one device call (BUDGET_S=560, within the device tool's
-# 10-minute limit). On a fresh H100 with empty caches the default steps take ~8.5 minutes,
+# 10-minute limit). On a fresh H100 with empty caches the default steps took 520 s (fdaacb3),
 # including the one-time conversion of the default model (~40 s in `prepare`): over issue 6's
 # 8 minutes (BENCHMARKS.md, "The GPU suite"). BUDGET_S=470 keeps a call to 8 minutes and skips
 # what does not fit; the closing notes name the steps to rerun (STEPS="...").
