@@ -539,20 +539,15 @@ def main() -> None:
     swap_names = [f"swap-{i}" for i in range(max(args.swaps, 2))]
     seeds = {RANDOM_DEFAULT: 1, OTHER_ADAPTER: 2, **{n: 10 + i for i, n in enumerate(swap_names)}}
     missing = {n: s for n, s in seeds.items() if not (adapters_dir / n).is_dir()}
-    # The server starts with its default adapter; the others are made while it loads.
-    at_start = {n: s for n, s in missing.items() if n == args.default_adapter}
-    later = {n: s for n, s in missing.items() if n not in at_start}
+    t = time.perf_counter()
+    if missing:
+        make_adapters(
+            base_model, adapters_dir, missing, rank=args.rank, alpha=args.alpha,
+            dtype=args.adapter_dtype, quantization=args.quantization,
+        )  # fmt: skip
+    adapters_s = time.perf_counter() - t
+    adapter_bytes = sum(p.stat().st_size for p in (adapters_dir / RANDOM_DEFAULT).iterdir())
 
-    def make(adapters: dict[str, int]) -> float:
-        t = time.perf_counter()
-        if adapters:
-            make_adapters(
-                base_model, adapters_dir, adapters, rank=args.rank, alpha=args.alpha,
-                dtype=args.adapter_dtype, quantization=args.quantization,
-            )  # fmt: skip
-        return time.perf_counter() - t
-
-    adapters_s = make(at_start)
     pairs = read_pairs(args.data, args.pairs)
     plain = [{"premise": p, "hypothesis": h} for p, h in pairs]
     settings = {
@@ -585,17 +580,13 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in settings.items() if k != "NLI_API_KEY"},
         "access_log": args.access_log,
-    }
+        "adapter": {"rank": args.rank, "alpha": args.alpha, "dtype": args.adapter_dtype,
+                    "bytes": adapter_bytes, "made_in_s": round(adapters_s, 1)},
+    }  # fmt: skip
     t = time.perf_counter()
     server = start_server(env, port, log, args.access_log)
     direct: DirectScorer | None = None
     try:
-        adapters_s += make(later)
-        adapter_bytes = sum(p.stat().st_size for p in (adapters_dir / RANDOM_DEFAULT).iterdir())
-        result["adapter"] = {
-            "rank": args.rank, "alpha": args.alpha, "dtype": args.adapter_dtype,
-            "bytes": adapter_bytes, "made_in_s": round(adapters_s, 1),
-        }  # fmt: skip
         if args.direct_baseline:
             found = [
                 root / args.default_adapter
@@ -609,8 +600,7 @@ def main() -> None:
                 cuda_graphs=settings.get("NLI_CUDA_GRAPHS", "1").lower() in ("1", "true", "yes"),
             )  # fmt: skip
         ready = wait_ready(url, server, args.ready_timeout)
-        # since the server process started (adapters are made and the direct baseline's model
-        # loads meanwhile)
+        # since the server process started (the direct baseline's model loads meanwhile)
         result["ready"] = {**ready, "seconds": round(time.perf_counter() - t, 1)}
         if ready.get("cuda_graphs") == "on":
             t = time.perf_counter()

@@ -97,13 +97,14 @@ class LayerCompiledDecoder:
         return forward
 
 
-def compile_settings() -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def compile_settings() -> Iterator[None]:
     """The Dynamo settings this project's compiles run under (``_SETTINGS``), while the block
     runs: hold it around the first call of compiled code, where Dynamo traces."""
-    stack = contextlib.ExitStack()
-    for config, name, value in _settings():
-        stack.enter_context(config.patch(**{name: value}))
-    return stack
+    with contextlib.ExitStack() as stack:
+        for config, name, value in _settings():
+            stack.enter_context(config.patch(**{name: value}))
+        yield
 
 
 def use_compile_settings() -> None:
