@@ -112,9 +112,9 @@ def tiny_recipe(
 @pytest.fixture
 def restore_compile_settings() -> Iterator[None]:
     """``compile_decoder_layers`` changes compile settings for the process: not for other tests."""
-    import torch._dynamo.config as dynamo_config
-    from torch.fx.experimental import _config as fx_config
+    from nli.layer_compile import _settings
 
-    before = fx_config.use_duck_shape, dynamo_config.specialize_float
+    before = [(config, name, getattr(config, name)) for config, name, _ in _settings()]
     yield
-    fx_config.use_duck_shape, dynamo_config.specialize_float = before
+    for config, name, value in before:
+        setattr(config, name, value)
