@@ -69,7 +69,11 @@ step() {
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
-if ! $PY -c "import fastapi, uvicorn, prometheus_client, pydantic_settings, bitsandbytes" 2>"$LOGS/imports.log"; then
+# Found, not imported: importing bitsandbytes imports torch, seconds of a budgeted call.
+if ! $PY -c "import importlib.util as u, sys
+missing = [m for m in sys.argv[1:] if u.find_spec(m) is None]
+sys.exit(f'missing: {missing}' if missing else 0)" fastapi uvicorn prometheus_client \
+  pydantic_settings bitsandbytes 2>"$LOGS/imports.log"; then
   NOTES+=("server dependencies missing (see imports.log): classify steps will fail")
 fi
 # The converted default model and the random Qwen2-1.5B shape, built once for every step.
