@@ -19,10 +19,12 @@ class RecordingBackend:
         return graph.forward
 
     def float_scalars(self) -> list[Any]:
-        """Inputs that carry one Python float: a 0-d floating tensor or a symbolic float."""
+        """Inputs that carry one Python float: a symbolic float, or the 0-d float64 tensor
+        Dynamo lifts a Python float into. (A model's own 0-d tensors, such as a double-quantized
+        NF4 layer's float32 offset, are real inputs: some torch releases pass them, some not.)"""
         return [
             x
             for x in self.inputs
             if isinstance(x, float | torch.SymFloat)
-            or (isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point())
+            or (isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.float64)
         ]
