@@ -42,10 +42,10 @@ def save_random_model(out: Path, config: Any, tokenizer: Any) -> Path:
 
 def build_random_qwen2_1_5b(out: Path, tokenizer_source: str) -> Path:
     """Save a random Qwen2-1.5B-shaped model with the given tokenizer (ids fit its vocab)."""
+    if (out / "config.json").is_file():  # built already: no need to import transformers
+        return out
     from transformers import AutoTokenizer, Qwen2Config
 
-    if (out / "config.json").is_file():
-        return out
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     config = Qwen2Config(
         **QWEN2_1_5B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id

@@ -532,9 +532,11 @@ def main() -> None:
         worker(args.worker, args.result)
         return
 
-    from training.config import snli_dir
+    if args.data_dir is None:  # training.config imports torch: not for a given folder
+        from training.config import snli_dir
 
-    args.data_dir = (args.data_dir or snli_dir()).resolve()
+        args.data_dir = snli_dir()
+    args.data_dir = args.data_dir.resolve()
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="nli-bench-train-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     base_model = resolve_model(args.model)
