@@ -141,7 +141,7 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
         detail = (
             f"batch {run['batch_size']}x{run.get('grad_accum', 1)}, peak allocated "
             f"{run.get('train_peak_allocated_gib', '?')} GiB in training steps, "
-            f"{run.get('peak_allocated_gib', '?')} GiB with the end evaluation, process ~{peak} "
+            f"{run.get('peak_allocated_gib', '?')} GiB over the whole run, process ~{peak} "
             f"GiB; report.json-style {run.get('report_examples_per_s')} ex/s; steps before the "
             f"window {run.get('first_steps_s', '?')} s"
         )

@@ -104,7 +104,7 @@ def make_step_timer(warmup_steps: int, end_step: int | None = None) -> Any:
                     torch.cuda.synchronize()
                 self.marks[state.global_step] = time.perf_counter()
             if state.global_step == last and torch.cuda.is_available():
-                # Peaks of the training steps alone (the end-of-run evaluation comes after).
+                # Peaks of the training steps alone (whatever runs after them is not counted).
                 self.peaks = {
                     "train_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                     "train_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
@@ -274,7 +274,7 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         if timer.marks.get(steps) is None:
             raise
-        # The training steps were measured; what failed came after them (the end evaluation).
+        # The training steps were measured; what failed came after them.
         import torch
 
         on_gpu = spec["device"] != "cpu" and torch.cuda.is_available()
