@@ -15,6 +15,7 @@ fit the model exactly: the caller then loads it through PEFT, which also reports
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from dataclasses import dataclass
@@ -219,12 +220,17 @@ def attach(index: LoraIndex, prepared: PreparedLora, name: str) -> bool:
     tuner._check_new_adapter_config(config)
     # _create_and_replace's call for a module that already is a LoRA layer, with the new LoRA
     # modules made on the meta device: their random initialisation, move to the base layer's
-    # device and float32 cast would all be overwritten by the weights below.
+    # device and float32 cast would all be overwritten by the weights below. update_layer only
+    # reads its config: a copy without LoRA's own initialisation (a trained adapter's
+    # init_lora_weights is True) skips that work too; is_plain_lora allows no initialisation
+    # that does more than pick starting weights.
+    layer_config = copy.copy(config)
+    layer_config.init_lora_weights = False
     with torch.device("meta"):
         for key, layer in targets:
             tuner._check_target_module_compatiblity(config, model, key.rsplit(".", 1)[-1])
             layer.update_layer(
-                name, config.r, lora_alpha=config.lora_alpha, target_name=key, config=config
+                name, config.r, lora_alpha=config.lora_alpha, target_name=key, config=layer_config
             )
     _extend_unique(tuner.targeted_module_names, [key for key, _ in targets])
     # The weights, in the device and dtype PEFT's path ends with (the base layer's device;

@@ -37,6 +37,7 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "rank8": dict(seed=4, r=8),
         "rank8-bf16": dict(seed=5, r=8, dtype=torch.bfloat16, use_rslora=True),
         "dropout": dict(seed=6, lora_dropout=0.1, init_lora_weights="gaussian"),
+        "trained": dict(seed=9, init_lora_weights=True),  # as nli-train's adapters say
         "attention": dict(seed=7, target_modules=["q_proj", "v_proj"]),
         "rank-pattern": dict(seed=8, rank_pattern={"q_proj": 8}),
     }
@@ -168,7 +169,7 @@ def assert_same_results(fast: list[Any], peft: list[Any]) -> None:
             assert_same_state(a, b)
 
 
-SWAPS = ["fp32", "bf16", "rank8", "rank8-bf16", "dropout"]
+SWAPS = ["fp32", "bf16", "rank8", "rank8-bf16", "dropout", "trained"]
 
 
 def test_fast_attach_equals_peft_load_exactly(
