@@ -76,8 +76,8 @@ def make_adapters(
     quantization: str,
 ) -> dict[str, float]:
     """Save one random LoRA adapter per ``{name: seed}`` under ``root``, with its manifest, and
-    return where the time went (``setup_s``: imports, config, tokenizer, the model's skeleton;
-    ``adapters_s``: making and saving the adapters).
+    return where the time went (``imports_s``; ``setup_s``: those, the config, the tokenizer and
+    the model's skeleton; ``adapters_s``: making and saving the adapters).
 
     Random adapters need the base's shapes, not its weights: the model is built from its config
     on the meta device and given uninitialised CPU storage that nothing reads, so no weights are
@@ -97,6 +97,7 @@ def make_adapters(
     from nli.prompt import CURRENT_PROMPT_FORMAT
     from nli.scoring import label_tokens
 
+    imports_s = time.perf_counter() - started
     source, ref = resolve_base_model(base_model)
     ids = [list(seq) for seq in label_tokens(load_tokenizer(source)).sequences]
     with torch.device("meta"):
@@ -130,6 +131,7 @@ def make_adapters(
         )
         write_manifest(folder, manifest)
     return {
+        "imports_s": round(imports_s, 1),
         "setup_s": round(setup_s, 1),
         "adapters_s": round(time.perf_counter() - started - setup_s, 1),
     }

@@ -20,7 +20,7 @@ def test_adapters_made_without_weights_are_those_peft_makes_on_the_loaded_model(
     made = make_adapters(
         str(tiny_llama_dir), tmp_path, {"a": 3}, rank=4, alpha=8, dtype="fp32", quantization="nf4"
     )
-    assert set(made) == {"setup_s", "adapters_s"}
+    assert set(made) == {"imports_s", "setup_s", "adapters_s"}
 
     # The same seed and LoRA settings on the loaded model, as the script did before.
     base = load_base_model(str(tiny_llama_dir), quantization="none", device="cpu")
