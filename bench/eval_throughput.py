@@ -12,8 +12,11 @@ Speed levers of ``NLIClassifier``, each switchable so one run measures them side
 ``prefix`` (shared-prefix key/value cache), ``overlap`` (tokenise chunks on a thread while the
 GPU scores; ``--encode-chunk``), ``compile`` (``torch.compile``, CUDA only, of one decoder layer
 shared by all layers, ``nli.layer_compile``; the warm-up pass includes the compilation) or
-``compile-decoder`` (of the decoder's whole forward, as before that module). ``--configs`` runs
-several lever sets in one process (``plain`` = none of them); without it, the flags pick one set.
+``compile-decoder`` (of the decoder's whole forward, as before that module), ``graphs`` (CUDA
+only: each batch replays a CUDA graph per rows x length bucket, recorded at its first use, up
+to the batch size; ``nli.cuda_graphs``; graphed batches score whole prompts, without the
+prefix cache or the compiled code). ``--configs`` runs several lever sets in one process
+(``plain`` = none of them); without it, the flags pick one set.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from bench.common import git_commit, resolve_model
 from nli.classifier import NLIClassifier
+from nli.cuda_graphs import GraphSettings
 from nli.data import read_nli_file
 from nli.evaluation import evaluate_dataset
 from nli.loading import load_base_model
@@ -54,7 +58,7 @@ def generate_baseline(classifier: NLIClassifier, pairs: list[tuple[str, str]]) -
     return len(pairs) / (time.perf_counter() - start)
 
 
-LEVERS = ("prefix", "overlap", "compile", "compile-decoder")
+LEVERS = ("prefix", "overlap", "compile", "compile-decoder", "graphs")
 
 
 def parse_config(text: str) -> set[str]:
@@ -112,6 +116,7 @@ def main() -> None:
             "prefix_cache": "prefix" in levers,
             "compile": bool({"compile", "compile-decoder"} & levers),
             "compile_scope": "decoder" if "compile-decoder" in levers else "layers",
+            "cuda_graphs": "graphs" in levers,
         }
         configs.append((name, {**options, "encode_chunk_size": chunk}))
 
@@ -121,9 +126,11 @@ def main() -> None:
         data.examples = data.examples[: args.limit]
     rows = []
     for (name, options), batch_size in [(c, size) for c in configs for size in args.batch_sizes]:
+        graphs = GraphSettings(max_batch=batch_size) if options.get("cuda_graphs") else None
         classifier = NLIClassifier(
-            base, max_batch_size=batch_size, max_tokens_per_batch=args.max_tokens, **options
-        )
+            base, max_batch_size=batch_size, max_tokens_per_batch=args.max_tokens,
+            graph_settings=graphs, **options,
+        )  # fmt: skip
         seconds = []
         for _ in range(args.repeats + 1):  # the first pass warms up kernels (and compiles)
             sync()

@@ -36,6 +36,7 @@
 # The eval steps time the real path as the service and nli-train run it (prefix cache, background
 # tokenising, per-layer compile); the path without those levers is
 # `python -m bench.eval_throughput --configs plain` (BENCHMARKS.md has its numbers).
+# eval-smollm2-graphs (only when named) times that path against CUDA graphs per batch bucket.
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -160,6 +161,12 @@ for name in $STEPS; do
     eval-smollm2)
       step "$name" 170 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
         --configs prefix+overlap+compile --batch-sizes 1024 --repeats 2 \
+        --out "$LOGS/$name.json"
+      ;;
+    eval-smollm2-graphs)
+      # The compiled real path against CUDA graphs (whole prompts, no compile), same process.
+      step "$name" 200 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
+        --configs prefix+overlap+compile overlap+graphs --batch-sizes 1024 --repeats 3 \
         --out "$LOGS/$name.json"
       ;;
     eval-qwen)
