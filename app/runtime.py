@@ -18,13 +18,13 @@ from typing import Any, Literal
 import numpy as np
 
 from app.engine import BatchEngine
-from app.gc_pauses import freeze_startup_objects, thaw
 from app.metrics import Metrics
 from app.registry import AdapterRegistry, Target
 from app.settings import BASE, BUILTIN_DEFAULT_ADAPTER, Settings
 from nli.classifier import NLIClassifier
 from nli.default_model import DEFAULT_BASE_MODEL
 from nli.errors import AdapterInvalidError, NotReadyError
+from nli.gc_freeze import freeze_startup_objects, thaw
 from nli.labels import build_result
 from nli.loading import free_device_memory, load_base_model
 
@@ -65,7 +65,7 @@ class ModelRuntime:
         self._ready: Ready | None = None
         self._on_ready: list[Callable[[Ready], None]] = []
         self._lock = threading.Lock()
-        self._frozen = False  # start-up objects exempt from garbage collection (app.gc_pauses)
+        self._frozen = False  # start-up objects exempt from garbage collection (nli.gc_freeze)
         self._thread = threading.Thread(target=self._load, name="nli-model-loader", daemon=True)
 
     # -- life cycle -------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         description=(
             "Once ready, exempt the objects built at start-up (model, tokenizer, web stack) "
             "from garbage collection: a full collection then skips them instead of pausing "
-            "every request for 200+ ms (app.gc_pauses)."
+            "every request for 200+ ms (nli.gc_freeze)."
         ),
     )
     max_pairs_per_request: int = Field(1024, ge=1, le=100_000)

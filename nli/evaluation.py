@@ -18,6 +18,7 @@ import numpy as np
 
 from nli.data import NLIData
 from nli.errors import ConfigError, DataError
+from nli.gc_freeze import objects_frozen
 from nli.labels import LABELS
 from nli.metrics import compute_metrics
 
@@ -124,13 +125,18 @@ def evaluate_dataset(
         ", with base" if with_base else "",
     )
     kwargs: dict[str, Any] = {"chunk_size": chunk_size, "total": total, "progress": progress}
-    probs, seconds = _score_all(pairs, score, adapter, done=0, **kwargs)
+    # The model, tokenizer and data are alive throughout: a full collection set off by scoring's
+    # allocations would walk them all with the interpreter lock held (nli.gc_freeze).
+    with objects_frozen():
+        probs, seconds = _score_all(pairs, score, adapter, done=0, **kwargs)
+        base_probs: np.ndarray | None = None
+        if with_base:
+            base_probs, base_seconds = _score_all(pairs, score, None, done=len(pairs), **kwargs)
+            seconds += base_seconds
     predicted = probs.argmax(axis=1)
     base: dict[str, Any] | None = None
     cases: dict[str, Any] | None = None
-    if with_base:
-        base_probs, base_seconds = _score_all(pairs, score, None, done=len(pairs), **kwargs)
-        seconds += base_seconds
+    if base_probs is not None:
         base_predicted = base_probs.argmax(axis=1)
         base = {"metrics": compute_metrics(gold, base_predicted)}
         adapter_right = predicted == gold

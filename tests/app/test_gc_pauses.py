@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import gc
-import weakref
 from pathlib import Path
 
 import pytest
 
-from app.gc_pauses import GCPauseTimer, freeze_startup_objects, thaw
+from app.gc_pauses import GCPauseTimer
 from app.metrics import Metrics
 from tests.app.conftest import start_client
 from tests.app.helpers import make_settings
@@ -39,29 +38,6 @@ def test_the_timer_counts_each_collection_by_generation_while_installed() -> Non
     gc.collect(2)  # removed: no longer counted
     assert pauses(metrics, 2)[0] == full
     timer.remove()  # removing twice is harmless
-
-
-class Node:
-    """An object that points at itself: only the cyclic collector can free it."""
-
-    def __init__(self) -> None:
-        self.me = self
-
-
-def test_frozen_objects_are_skipped_until_thawed() -> None:
-    assert gc.get_freeze_count() == 0
-    node = Node()
-    ref = weakref.ref(node)
-    try:
-        assert freeze_startup_objects() == gc.get_freeze_count() > 0
-        del node
-        gc.collect()
-        assert ref() is not None  # unreachable, but frozen: skipped
-    finally:
-        thaw()
-    assert gc.get_freeze_count() == 0
-    gc.collect()
-    assert ref() is None
 
 
 @pytest.mark.parametrize("freeze", [True, False], ids=["freeze", "no-freeze"])
