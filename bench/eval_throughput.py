@@ -99,8 +99,19 @@ def main() -> None:
         "--configs", nargs="+", default=None,
         help="lever sets to compare in one run, e.g. plain prefix prefix+overlap+compile",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-gc-freeze", action="store_true",
+        help="score without evaluate_dataset's freeze of the objects alive before it "
+        "(nli.gc_freeze), for an A/B against the real path",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON line here")
     args = parser.parse_args()
+    if args.no_gc_freeze:
+        import contextlib
+
+        import nli.evaluation
+
+        nli.evaluation.objects_frozen = contextlib.nullcontext  # type: ignore[assignment]
     # (name, NLIClassifier options) per configuration to measure.
     configs: list[tuple[str, dict[str, Any]]] = []
     if args.configs is None:
@@ -161,6 +172,7 @@ def main() -> None:
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "results": rows,
+        "gc_freeze": not args.no_gc_freeze,
     }
     if args.generate_baseline:
         pairs = [(e.premise, e.hypothesis) for e in data.examples[: args.generate_baseline]]

@@ -194,11 +194,13 @@ def eval_rows(r: dict[str, Any]) -> list[Row]:
     model = r["model"]
     goal = EVAL_GOAL.get(model)
     rows: list[Row] = []
+    # Results from before nli.gc_freeze carry no "gc_freeze" key: label only the A/B's off side.
+    unfrozen = ", no gc freeze" if r.get("gc_freeze") is False else ""
     for row in r["results"]:
         rate = row["pairs_per_s"]
         rows.append(
             (
-                f"eval {model} [{row['config']}]",
+                f"eval {model} [{row['config']}{unfrozen}]",
                 f">= {goal} pairs/s" if goal else "-",
                 f"{rate} pairs/s" + (f" ({mark(rate, goal)})" if goal else ""),
                 f"batch {row['batch_size']}, {row['pairs']} pairs, accuracy {row['accuracy']}, "

@@ -36,7 +36,8 @@
 # The eval steps time the real path as the service and nli-train run it (prefix cache, background
 # tokenising, per-layer compile); the path without those levers is
 # `python -m bench.eval_throughput --configs plain` (BENCHMARKS.md has its numbers).
-# eval-smollm2-graphs (only when named) times that path against CUDA graphs per batch bucket.
+# eval-smollm2-graphs (only when named) times that path against CUDA graphs per batch bucket;
+# eval-smollm2-gc with and without evaluate_dataset's freeze of older objects (nli.gc_freeze).
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -168,6 +169,15 @@ for name in $STEPS; do
       step "$name" 200 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
         --configs prefix+overlap+compile overlap+graphs --batch-sizes 1024 --repeats 3 \
         --out "$LOGS/$name.json"
+      ;;
+    eval-smollm2-gc)
+      # The real path with and without evaluate_dataset's freeze of older objects, alternating.
+      for run in freeze-1 no-freeze-1 freeze-2 no-freeze-2; do
+        step "$name-$run" 90 $PY -m bench.eval_throughput --model smollm2 \
+          --data "$DATA/test.jsonl" --configs prefix+overlap+compile --batch-sizes 1024 \
+          --repeats 4 $([[ $run == no-freeze* ]] && echo --no-gc-freeze) \
+          --out "$LOGS/$name-$run.json"
+      done
       ;;
     eval-qwen)
       step "$name" 200 $PY -m bench.eval_throughput --model qwen2-1.5b --data "$DATA/test.jsonl" \

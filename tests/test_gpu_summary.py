@@ -85,3 +85,22 @@ def test_eval_rows_show_the_passes_the_best_came_from(
     (got,) = gpu_summary.eval_rows(result)
     assert got[2] == "15350 pairs/s (met)"
     assert got[3].endswith(tail)
+
+
+@pytest.mark.parametrize(
+    ("freeze", "label"),
+    [
+        (True, "eval smollm2 [plain]"),
+        (False, "eval smollm2 [plain, no gc freeze]"),  # the off side of the A/B
+        (None, "eval smollm2 [plain]"),  # results from before nli.gc_freeze
+    ],
+)
+def test_eval_rows_name_the_run_without_the_gc_freeze(freeze: bool | None, label: str) -> None:
+    row = {"config": "plain", "batch_size": 1024, "pairs": 9824, "accuracy": 0.328}
+    row |= {"pairs_per_s": 15350, "warmup_s": 10.5}
+    result: dict[str, Any] = {"benchmark": "eval_throughput", "model": "smollm2"}
+    result["results"] = [row]
+    if freeze is not None:
+        result["gc_freeze"] = freeze
+    (got,) = gpu_summary.eval_rows(result)
+    assert got[0] == label
