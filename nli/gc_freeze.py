@@ -2,8 +2,8 @@
 
 A full (generation 2) collection walks every object the collector tracks, with the interpreter
 lock held. A process holding a model, its tokenizer and torch tracks ~0.5-0.6 million objects:
-~0.2 s a full collection on a 2-core CPU, during which no other thread runs (on a GPU, not the
-one launching kernels either). Scoring allocates token-id lists for every pair, enough to set
+~0.2 s a full collection on a 2-core CPU, during which no other thread runs, including the one
+that launches a GPU's kernels. Scoring allocates token-id lists for every pair, enough to set
 one off every few passes over SNLI test (BENCHMARKS.md).
 
 Freezing moves every object alive now into the collector's permanent generation, which later
