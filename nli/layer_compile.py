@@ -18,6 +18,7 @@ forward (``nli.prefix_cache``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -129,9 +130,11 @@ _SETTINGS = (
 )
 
 
+@functools.cache
 def _settings() -> list[tuple[Any, str, object]]:
     """``_SETTINGS`` that this PyTorch has (private modules, checked against torch 2.11 and
-    2.13); a missing one costs compile time, never correctness."""
+    2.13); a missing one costs compile time, never correctness. Resolved once: every compiled
+    forward enters ``compile_settings``."""
     found: list[tuple[Any, str, object]] = []
     for module, name, value in _SETTINGS:
         config = importlib.import_module(module)
