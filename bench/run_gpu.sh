@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite of issue 6 in one device call of at most 8 minutes (BUDGET_S=470:
-# each step's timeout is cut to the time left, and a step with under 30 s left is skipped and
-# named). On one H100 host the default steps took 370 s (e636645), with the default model
+# each step's timeout is cut to the time left, and a step with less time left than it needs,
+# NEED below, is skipped and named). On one H100 host the default steps took 370 s (e636645), with the default model
 # converted beforehand, as the Docker image bakes it (`python -m nli pull-default-model`, 39 s
 # there); without that, `prepare` converts it first. A slower H100 host needed ~530 s: there the
 # last steps are skipped and named (BENCHMARKS.md, "The GPU suite"); BUDGET_S=560 runs them all.
@@ -85,6 +85,14 @@ step() {
 
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
+# eval_step NAME BUDGET MODEL ARGS...: bench.eval_throughput over SNLI test at batch 1,024.
+eval_step() {
+  local name=$1 budget=$2 model=$3
+  shift 3
+  step "$name" "$budget" $PY -m bench.eval_throughput --model "$model" \
+    --data "$DATA/test.jsonl" --batch-sizes 1024 --out "$LOGS/$name.json" "$@"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
 # Found, not imported: importing bitsandbytes imports torch, seconds of a budgeted call.
 if ! $PY -c "import importlib.util as u, sys
@@ -160,29 +168,22 @@ for name in $STEPS; do
         --out "$LOGS/$name.json"
       ;;
     eval-smollm2)
-      step "$name" 170 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
-        --configs prefix+overlap+compile --batch-sizes 1024 --repeats 2 \
-        --out "$LOGS/$name.json"
+      eval_step "$name" 170 smollm2 --configs prefix+overlap+compile --repeats 2
       ;;
     eval-smollm2-graphs)
       # The compiled real path against CUDA graphs (whole prompts, no compile), same process.
-      step "$name" 200 $PY -m bench.eval_throughput --model smollm2 --data "$DATA/test.jsonl" \
-        --configs prefix+overlap+compile overlap+graphs --batch-sizes 1024 --repeats 3 \
-        --out "$LOGS/$name.json"
+      eval_step "$name" 200 smollm2 --configs prefix+overlap+compile overlap+graphs --repeats 3
       ;;
     eval-smollm2-gc)
       # The real path with and without evaluate_dataset's freeze of older objects, alternating.
       for run in freeze-1 no-freeze-1 freeze-2 no-freeze-2; do
-        step "$name-$run" 90 $PY -m bench.eval_throughput --model smollm2 \
-          --data "$DATA/test.jsonl" --configs prefix+overlap+compile --batch-sizes 1024 \
-          --repeats 4 $([[ $run == no-freeze* ]] && echo --no-gc-freeze) \
-          --out "$LOGS/$name-$run.json"
+        eval_step "$name-$run" 90 smollm2 --configs prefix+overlap+compile --repeats 4 \
+          $([[ $run == no-freeze* ]] && echo --no-gc-freeze)
       done
       ;;
     eval-qwen)
-      step "$name" 200 $PY -m bench.eval_throughput --model qwen2-1.5b --data "$DATA/test.jsonl" \
-        --configs prefix+overlap+compile --batch-sizes 1024 --repeats 2 \
-        --generate-baseline 20 --out "$LOGS/$name.json"
+      eval_step "$name" 200 qwen2-1.5b --configs prefix+overlap+compile --repeats 2 \
+        --generate-baseline 20
       ;;
     *) NOTES+=("$name: unknown step") ;;
   esac
