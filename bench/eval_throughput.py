@@ -72,6 +72,20 @@ def parse_config(text: str) -> set[str]:
     return levers
 
 
+def classifier_options(levers: set[str], *, encode_chunk: int | None) -> tuple[str, dict[str, Any]]:
+    """(the configuration's name, its ``NLIClassifier`` options) for a set of levers."""
+    name = "+".join(lever for lever in LEVERS if lever in levers) or "plain"
+    chunk = (encode_chunk or 4096) if "overlap" in levers else 0
+    options = {
+        "prefix_cache": "prefix" in levers,
+        "compile": bool({"compile", "compile-decoder"} & levers),
+        "compile_scope": "decoder" if "compile-decoder" in levers else "layers",
+        "cuda_graphs": "graphs" in levers,
+        "encode_chunk_size": chunk,
+    }
+    return name, options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2")
@@ -120,16 +134,7 @@ def main() -> None:
         options = {"prefix_cache": args.prefix_cache, "compile": args.compile}
         configs.append((name, {**options, "encode_chunk_size": args.encode_chunk}))
     for text in args.configs or []:
-        levers = parse_config(text)
-        name = "+".join(lever for lever in LEVERS if lever in levers) or "plain"
-        chunk = (args.encode_chunk or 4096) if "overlap" in levers else 0
-        options = {
-            "prefix_cache": "prefix" in levers,
-            "compile": bool({"compile", "compile-decoder"} & levers),
-            "compile_scope": "decoder" if "compile-decoder" in levers else "layers",
-            "cuda_graphs": "graphs" in levers,
-        }
-        configs.append((name, {**options, "encode_chunk_size": chunk}))
+        configs.append(classifier_options(parse_config(text), encode_chunk=args.encode_chunk))
 
     base = load_base_model(resolve_model(args.model), device=args.device)
     data = read_nli_file(args.data)

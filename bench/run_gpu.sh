@@ -37,7 +37,9 @@
 # tokenising, per-layer compile); the path without those levers is
 # `python -m bench.eval_throughput --configs plain` (BENCHMARKS.md has its numbers).
 # eval-smollm2-graphs (only when named) times that path against CUDA graphs per batch bucket;
-# eval-smollm2-gc with and without evaluate_dataset's freeze of older objects (nli.gc_freeze).
+# eval-smollm2-gc with and without evaluate_dataset's freeze of older objects (nli.gc_freeze);
+# eval-profile-smollm2 splits a pass into tokenising, launching and GPU time (bench.eval_profile).
+# train-qwen-compiled trains the 1.5B shape compiled and graphed, then eager, in one call.
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
 #
 # Every step runs under `timeout` (min of its own budget and the time left), so one hang cannot
@@ -161,6 +163,20 @@ for name in $STEPS; do
       step "$name" 150 $PY -m bench.train_throughput --model qwen2-1.5b --batch-size 128 \
         --low-memory --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
+    train-qwen-compiled)
+      # The 1.5B shape's real run compiled and graphed (as the SmolLM2 recipe trains on one GPU),
+      # then eager as train-qwen runs it, same call; the compiled run's window starts after the
+      # compile and most recordings.
+      for run in compiled eager; do
+        flag=$([[ $run == compiled ]] && echo true || echo false)
+        window=(--steps 30 --warmup-steps 6)
+        [[ $run == compiled ]] && window=(--steps 90 --warmup-steps 50)
+        step "$name-$run" $([[ $run == compiled ]] && echo 240 || echo 120) \
+          $PY -m bench.train_throughput --model qwen2-1.5b --only real --batch-size 128 \
+          "${window[@]}" --set train.torch_compile=$flag --set train.cuda_graphs=$flag \
+          --data-dir "$DATA" --log-dir "$LOGS/$name-$run" --out "$LOGS/$name-$run.json"
+      done
+      ;;
     graph-accuracy | graph-accuracy-deq)
       extra=()
       [[ $name == *-deq ]] && extra=(--dequantize)
@@ -179,6 +195,13 @@ for name in $STEPS; do
       for run in freeze-1 no-freeze-1 freeze-2 no-freeze-2; do
         eval_step "$name-$run" 90 smollm2 --configs prefix+overlap+compile --repeats 4 \
           $([[ $run == no-freeze* ]] && echo --no-gc-freeze)
+      done
+      ;;
+    eval-profile-smollm2)
+      # Where a pass of the real path goes (bench.eval_profile), then of CUDA graphs per bucket.
+      for config in prefix+overlap+compile overlap+graphs; do
+        step "$name-$config" 150 $PY -m bench.eval_profile --model smollm2 --config $config \
+          --data "$DATA/test.jsonl" --out "$LOGS/$name-$config.json"
       done
       ;;
     eval-qwen)

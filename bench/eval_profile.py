@@ -1,0 +1,147 @@
+"""Where an evaluation pass spends its time: tokenising, the host's launches, the GPU's kernels.
+
+    python -m bench.eval_profile [--model smollm2|qwen2-1.5b] [--config prefix+overlap+compile]
+        [--batch-size 1024] [--repeats 3] [--out result.json]
+
+The real path (``bench.eval_throughput``'s configurations, SNLI test, the bare base) is warmed
+up with one ``evaluate_dataset`` pass (compiles, graph recordings), then timed piece by piece,
+best of ``--repeats`` each:
+
+- ``encode_s``: tokenising every pair (``NLIClassifier.encode``), on this thread alone;
+- ``launch_s``: scoring the pre-tokenised pairs, until the host has queued every batch;
+- ``device_s``: the same, until the probabilities are back on the host;
+- ``kernel_s``: the GPU's busy time in that scoring (CUDA kernels and copies, torch profiler);
+- ``full_s``: the whole ``evaluate_dataset`` pass, as ``bench.eval_throughput`` times it.
+
+``kernel_s`` well below ``device_s`` with ``launch_s`` close to it means the GPU waits for the
+host (launch-bound); ``full_s`` well above ``max(encode_s, device_s)`` means tokenising and
+scoring get in each other's way (the interpreter lock) instead of overlapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import git_commit, resolve_model
+from bench.eval_throughput import DEFAULT_DATA, classifier_options, parse_config
+from nli.classifier import NLIClassifier
+from nli.cuda_graphs import GraphSettings
+from nli.data import read_nli_file
+from nli.evaluation import evaluate_dataset
+from nli.loading import load_base_model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(repeats: int, run: Callable[[], Any], device: torch.device) -> float:
+    """The shortest of ``repeats`` timed runs, each started and ended with the device idle."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        began = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def kernel_seconds(run: Callable[[], Any]) -> float:
+    """GPU busy time of ``run``: the summed durations of its device-side events (kernels,
+    copies, memsets; they do not overlap on one stream)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    busy_us = sum(event.self_device_time_total for event in prof.key_averages())
+    return busy_us / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N pairs")
+    parser.add_argument("--config", default="prefix+overlap+compile")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=1 << 17)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON line here")
+    args = parser.parse_args()
+
+    name, options = classifier_options(parse_config(args.config), encode_chunk=None)
+    base = load_base_model(resolve_model(args.model), device=args.device)
+    device = base.device
+    graphs = GraphSettings(max_batch=args.batch_size) if options["cuda_graphs"] else None
+    classifier = NLIClassifier(
+        base, max_batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens,
+        graph_settings=graphs, **options,
+    )  # fmt: skip
+    data = read_nli_file(args.data)
+    if args.limit:
+        data.examples = data.examples[: args.limit]
+    pairs = [(e.premise, e.hypothesis) for e in data.examples]
+
+    def full_pass() -> None:
+        evaluate_dataset(
+            data, classifier.score_pairs, adapter=None, base_model=base.ref.name,
+            chunk_size=len(pairs),
+        )  # fmt: skip
+
+    began = time.perf_counter()
+    full_pass()
+    sync(device)
+    warmup_s = time.perf_counter() - began
+
+    encoded = classifier.encode(pairs)
+    adapters = [None] * len(encoded)
+    # NLIClassifier.score_encoded is _score_on_device (queue every batch) then _to_host (wait);
+    # the profile times the first half alone to see when the host is done launching.
+    launch_s = best_of(
+        args.repeats,
+        lambda: classifier._score_on_device(encoded, adapters, progress=None),
+        device,
+    )
+    result: dict[str, Any] = {
+        "benchmark": "eval_profile",
+        "model": args.model,
+        "config": name,
+        "batch_size": args.batch_size,
+        "pairs": len(pairs),
+        "tokens": sum(map(len, encoded)),
+        "warmup_s": round(warmup_s, 1),
+        "encode_s": best_of(args.repeats, lambda: classifier.encode(pairs), device),
+        "launch_s": launch_s,
+        "device_s": best_of(
+            args.repeats, lambda: classifier.score_encoded(encoded, adapters), device
+        ),
+        "full_s": best_of(args.repeats, full_pass, device),
+    }
+    if device.type == "cuda":
+        result["kernel_s"] = kernel_seconds(lambda: classifier.score_encoded(encoded, adapters))
+    for key in ("encode_s", "launch_s", "device_s", "full_s", "kernel_s"):
+        if key in result:
+            result[key] = round(result[key], 4)
+    result["pairs_per_s"] = round(len(pairs) / result["full_s"])
+    result["card"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result["commit"] = git_commit()
+    result["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
