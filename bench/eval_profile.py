@@ -16,13 +16,23 @@ best of ``--repeats`` each:
 ``kernel_s`` well below ``device_s`` with ``launch_s`` close to it means the GPU waits for the
 host (launch-bound); ``full_s`` well above ``max(encode_s, device_s)`` means tokenising and
 scoring get in each other's way (the interpreter lock) instead of overlapping.
+
+On CUDA, ``--sync-debug`` counts the calls that made the host wait for the GPU in one scoring of
+the pre-tokenised pairs (``torch.cuda.set_sync_debug_mode``), by the Python line that made them;
+``--trace FILE`` writes that scoring's host and device timeline (Chrome trace format, gzipped
+when FILE ends in ``.gz``; open it in Perfetto).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
 import json
+import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +77,51 @@ def kernel_seconds(run: Callable[[], Any]) -> float:
     return busy_us / 1e6
 
 
+def sync_calls(run: Callable[[], Any], *, frames: int = 4) -> list[dict[str, Any]]:
+    """The calls in ``run`` that synchronised with the GPU, most frequent first: each with its
+    count, the warning's text and the innermost ``frames`` Python frames that led to it."""
+    found: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def record(message: Any, *_: Any, **__: Any) -> None:
+        stack = traceback.extract_stack()[:-2][-frames:]
+        where = " <- ".join(
+            f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in stack[::-1]
+        )
+        found[(str(message).splitlines()[0][:120], where)] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [
+        {"count": count, "warning": message, "where": where}
+        for (message, where), count in found.most_common()
+    ]
+
+
+def write_trace(run: Callable[[], Any], path: Path) -> None:
+    """A Chrome trace of ``run``: host operators and device kernels on one timeline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix != ".gz":
+        prof.export_chrome_trace(str(path))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        plain = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(plain))
+        with plain.open("rb") as source, gzip.open(path, "wb") as target:
+            target.write(source.read())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2")
@@ -78,10 +133,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=1 << 17)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON line here")
+    parser.add_argument(
+        "--dequantize", action="store_true",
+        help="hold the NF4 weights expanded (NLI_DEQUANTIZE=1 in the service)",
+    )  # fmt: skip
+    parser.add_argument("--sync-debug", action="store_true", help="count host-GPU syncs (CUDA)")
+    parser.add_argument("--trace", type=Path, default=None, help="write a Chrome trace (CUDA)")
     args = parser.parse_args()
 
     name, options = classifier_options(parse_config(args.config), encode_chunk=None)
-    base = load_base_model(resolve_model(args.model), device=args.device)
+    base = load_base_model(
+        resolve_model(args.model), device=args.device, dequantize=args.dequantize
+    )
     device = base.device
     graphs = GraphSettings(max_batch=args.batch_size) if options["cuda_graphs"] else None
     classifier = NLIClassifier(
@@ -116,7 +179,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "benchmark": "eval_profile",
         "model": args.model,
-        "config": name,
+        "config": name + (" (dequantized)" if args.dequantize else ""),
         "batch_size": args.batch_size,
         "pairs": len(pairs),
         "tokens": sum(map(len, encoded)),
@@ -130,6 +193,10 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["kernel_s"] = kernel_seconds(lambda: classifier.score_encoded(encoded, adapters))
+        if args.sync_debug:
+            result["syncs"] = sync_calls(lambda: classifier.score_encoded(encoded, adapters))
+        if args.trace:
+            write_trace(lambda: classifier.score_encoded(encoded, adapters), args.trace)
     for key in ("encode_s", "launch_s", "device_s", "full_s", "kernel_s"):
         if key in result:
             result[key] = round(result[key], 4)
