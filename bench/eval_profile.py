@@ -137,10 +137,23 @@ def main() -> None:
         "--dequantize", action="store_true",
         help="hold the NF4 weights expanded (NLI_DEQUANTIZE=1 in the service)",
     )  # fmt: skip
+    parser.add_argument(
+        "--bnb-nf4", action="store_true",
+        help="compiled layers keep bitsandbytes' NF4 forward (the A/B of nli.nf4_graph)",
+    )  # fmt: skip
     parser.add_argument("--sync-debug", action="store_true", help="count host-GPU syncs (CUDA)")
     parser.add_argument("--trace", type=Path, default=None, help="write a Chrome trace (CUDA)")
     args = parser.parse_args()
 
+    if args.bnb_nf4:
+        import functools
+
+        import nli.classifier
+        from nli.layer_compile import LayerCompiledDecoder
+
+        nli.classifier.LayerCompiledDecoder = functools.partial(  # type: ignore[misc]
+            LayerCompiledDecoder, torch_nf4=False
+        )
     name, options = classifier_options(parse_config(args.config), encode_chunk=None)
     base = load_base_model(
         resolve_model(args.model), device=args.device, dequantize=args.dequantize
@@ -179,7 +192,9 @@ def main() -> None:
     result: dict[str, Any] = {
         "benchmark": "eval_profile",
         "model": args.model,
-        "config": name + (" (dequantized)" if args.dequantize else ""),
+        "config": name
+        + (" (dequantized)" if args.dequantize else "")
+        + (" (bitsandbytes NF4 forward)" if args.bnb_nf4 else ""),
         "batch_size": args.batch_size,
         "pairs": len(pairs),
         "tokens": sum(map(len, encoded)),

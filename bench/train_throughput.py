@@ -249,6 +249,7 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
         overrides += [
             "model.dequantize_frozen=false",
             "model.gradient_checkpointing=true",
+            "train.torch_compile=false",
             f"eval.batch_size={batch}",
         ]
     timer = make_step_timer(warmup, steps)

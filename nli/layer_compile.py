@@ -13,6 +13,10 @@ compiled forward runs, each layer is therefore handed a view of only its own slo
 whose ``update`` returns the cached states concatenated with the new ones and ignores the index.
 The view does not extend the cache: this is for scoring, where the cache is dropped after the
 forward (``nli.prefix_cache``).
+
+On a packed NF4 base the layers' ``Linear4bit`` modules run torch ops instead of bitsandbytes'
+Python while the compiled forward runs (``nli.nf4_graph``), so the compiled graph holds their
+dequantization too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from nli import nf4_graph
 
 
 class _LayerSlot:
@@ -45,9 +51,11 @@ class LayerCompiledDecoder:
     ``cache_argument`` is the name under which the decoder passes its key/value cache to its
     layers (``cache`` in transformers 5.24, ``past_key_values`` before); a cache must come
     filled (``nli.prefix_cache``) for its layers to share the compiled code. ``backend`` goes to
-    ``torch.compile`` (tests use ``"eager"``). Not thread-safe: while a call runs, the decoder's
-    layers have their ``forward`` replaced (restored when it returns); callers serialise forwards
-    (``NLIClassifier`` holds its forward lock).
+    ``torch.compile`` (tests use ``"eager"``). ``torch_nf4``: packed NF4 layers dequantize in
+    the graph (``nli.nf4_graph``; False keeps bitsandbytes' forward). Not thread-safe: while a
+    call runs, the decoder's layers (and their NF4 layers) have their ``forward`` replaced
+    (restored when it returns); callers serialise forwards (``NLIClassifier`` holds its forward
+    lock).
     """
 
     def __init__(
@@ -56,10 +64,17 @@ class LayerCompiledDecoder:
         cache_argument: str,
         *,
         backend: str | Callable[..., Any] = "inductor",
+        torch_nf4: bool = True,
     ) -> None:
         self.decoder = decoder
         self.cache_argument = cache_argument
         self.layers = list(decoder.layers)
+        # The base's Linear4bit modules stay the same objects when PEFT wraps them in LoRA layers.
+        self._nf4_modules = (
+            [m for layer in self.layers for m in nf4_graph.linear4bit_modules(layer)]
+            if torch_nf4
+            else []
+        )
         # One compiled function per layer class, shared by every layer of that class.
         self._compiled: dict[type, Callable[..., Any]] = {}
         for layer in self.layers:
@@ -76,7 +91,8 @@ class LayerCompiledDecoder:
         for index, layer in enumerate(self.layers):
             layer.forward = self._layer_forward(layer, index)
         try:
-            yield
+            with nf4_graph.installed(self._nf4_modules):
+                yield
         finally:
             for layer in self.layers:
                 del layer.forward  # the class's forward again

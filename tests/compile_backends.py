@@ -13,10 +13,21 @@ class RecordingBackend:
 
     def __init__(self) -> None:
         self.inputs: list[Any] = []
+        self.graphs: list[torch.fx.GraphModule] = []
 
     def __call__(self, graph: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
         self.inputs.extend(inputs)
+        self.graphs.append(graph)
         return graph.forward
+
+    def call_targets(self) -> list[str]:
+        """What the recorded graphs' call nodes call, as text (e.g. ``bitsandbytes.gemm_4bit``)."""
+        return [
+            str(node.target)
+            for graph in self.graphs
+            for node in graph.graph.nodes
+            if node.op.startswith("call_")
+        ]
 
     def float_scalars(self) -> list[Any]:
         """Inputs that carry one Python float: a symbolic float, or the 0-d float64 tensor

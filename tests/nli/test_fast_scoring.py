@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from nli.classifier import NLIClassifier
+from nli.classifier import NLIClassifier, encode_chunks
 from nli.loading import LoadedBase, load_base_model
 from nli.prefix_cache import PrefixCache
 from nli.scoring import PEFT_BASE_ROW, collate, label_logits
@@ -92,6 +92,21 @@ def test_rows_without_the_prefix_fall_back_to_whole_prompts(base: LoadedBase) ->
         classifier.score_encoded(odd, [None, None]), reference(classifier, odd, [None, None]),
         atol=1e-6,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("count", "chunk", "first"), [(9824, 4096, 1024), (300, 4096, 64), (7, 2, 64)]
+)
+def test_encode_chunks_cover_every_pair_once_growing_from_one_batch(
+    count: int, chunk: int, first: int
+) -> None:
+    bounds = encode_chunks(count, chunk, first)
+    assert bounds[0][0] == 0 and bounds[-1][1] == count
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous
+    sizes = [end - start for start, end in bounds]
+    assert sizes[0] == min(first, chunk, count)
+    assert all(size <= chunk for size in sizes)
+    assert all(b == min(chunk, 2 * a) for a, b in zip(sizes, sizes[1:-1], strict=False))
 
 
 def test_chunked_encoding_keeps_input_order(base: LoadedBase) -> None:
