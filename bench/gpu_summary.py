@@ -2,9 +2,9 @@
 
     python -m bench.gpu_summary RESULT.json [...]
 
-Reads what ``bench.classify_latency``, ``bench.train_throughput``, ``bench.eval_throughput``
-and ``bench.graph_accuracy`` write with ``--out`` and prints a Markdown table (target, goal,
-measured, where, commit): the short summary ``bench/run_gpu.sh`` ends with.
+Reads what ``bench.classify_latency``, ``bench.train_throughput``, ``bench.eval_throughput``,
+``bench.eval_profile`` and ``bench.graph_accuracy`` write with ``--out`` and prints a Markdown
+table (target, goal, measured, where, commit): the short summary ``bench/run_gpu.sh`` ends with.
 """
 
 from __future__ import annotations
@@ -220,6 +220,30 @@ def eval_rows(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def eval_profile_rows(r: dict[str, Any]) -> list[Row]:
+    """One pass split up (``bench.eval_profile``): where the time between the host and the GPU
+    goes, and the whole pass's rate against the goal."""
+    model = r["model"]
+    goal = EVAL_GOAL.get(model)
+    rate = r["pairs_per_s"]
+    details = (
+        f"batch {r['batch_size']}, {r['pairs']} pairs: tokenising {r['encode_s']} s, "
+        f"queuing {r['launch_s']} s, scoring {r['device_s']} s"
+    )
+    if "kernel_s" in r:
+        details += f" (GPU busy {r['kernel_s']} s)"
+    details += f", whole pass {r['full_s']} s"
+    measured = f"{rate} pairs/s" + (f" ({mark(rate, goal)})" if goal else "")
+    return [
+        (
+            f"eval profile {model} [{r['config']}]",
+            f">= {goal} pairs/s" if goal else "-",
+            measured,
+            details,
+        )
+    ]
+
+
 def graph_accuracy_rows(r: dict[str, Any]) -> list[Row]:
     slot = r.get("slot") or "no slot"
     label = f"graphed vs eager scores, {slot}" + (", dequantized" if r.get("dequantized") else "")
@@ -239,6 +263,7 @@ ROWS = {
     "classify_latency": classify_rows,
     "train_throughput": train_rows,
     "eval_throughput": eval_rows,
+    "eval_profile": eval_profile_rows,
     "graph_accuracy": graph_accuracy_rows,
 }
 

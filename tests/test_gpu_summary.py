@@ -104,3 +104,25 @@ def test_eval_rows_name_the_run_without_the_gc_freeze(freeze: bool | None, label
         result["gc_freeze"] = freeze
     (got,) = gpu_summary.eval_rows(result)
     assert got[0] == label
+
+
+def test_eval_profile_results_get_a_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = {
+        "benchmark": "eval_profile", "model": "smollm2", "config": "prefix+overlap+compile",
+        "batch_size": 1024, "pairs": 9824, "encode_s": 0.139, "launch_s": 0.424,
+        "device_s": 0.335, "kernel_s": 0.305, "full_s": 0.613, "pairs_per_s": 16031,
+        "card": "NVIDIA H100 80GB HBM3", "commit": "2329784",
+    }  # fmt: skip
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(result) + "\n")
+    monkeypatch.setattr("sys.argv", ["gpu_summary", str(path)])
+    gpu_summary.main()
+    out = capsys.readouterr().out
+    assert "skipping" not in out
+    assert (
+        "| eval profile smollm2 [prefix+overlap+compile] | >= 15000 pairs/s | 16031 pairs/s (met) |"
+        in out
+    )
+    assert "queuing 0.424 s, scoring 0.335 s (GPU busy 0.305 s), whole pass 0.613 s |" in out
