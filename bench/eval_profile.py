@@ -40,10 +40,9 @@ from typing import Any
 import torch
 
 from bench.common import git_commit, resolve_model
-from bench.eval_throughput import DEFAULT_DATA, classifier_options, parse_config
+from bench.eval_throughput import add_run_arguments, classifier_options, parse_config, read_data
 from nli.classifier import NLIClassifier
 from nli.cuda_graphs import GraphSettings
-from nli.data import read_nli_file
 from nli.evaluation import evaluate_dataset
 from nli.loading import load_base_model
 
@@ -124,13 +123,9 @@ def write_trace(run: Callable[[], Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--limit", type=int, default=0, help="score only the first N pairs")
+    add_run_arguments(parser)
     parser.add_argument("--config", default="prefix+overlap+compile")
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=1 << 17)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON line here")
     parser.add_argument(
@@ -164,9 +159,7 @@ def main() -> None:
         base, max_batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens,
         graph_settings=graphs, **options,
     )  # fmt: skip
-    data = read_nli_file(args.data)
-    if args.limit:
-        data.examples = data.examples[: args.limit]
+    data = read_data(args)
     pairs = [(e.premise, e.hypothesis) for e in data.examples]
 
     def full_pass() -> None:

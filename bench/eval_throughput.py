@@ -32,7 +32,7 @@ import torch
 from bench.common import git_commit, resolve_model
 from nli.classifier import NLIClassifier
 from nli.cuda_graphs import GraphSettings
-from nli.data import read_nli_file
+from nli.data import NLIData, read_nli_file
 from nli.evaluation import evaluate_dataset
 from nli.loading import load_base_model
 
@@ -86,14 +86,28 @@ def classifier_options(levers: set[str], *, encode_chunk: int | None) -> tuple[s
     return name, options
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, device, data and batch-token options this script and ``bench.eval_profile``
+    share."""
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=0, help="score only the first N pairs")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--max-tokens", type=int, default=1 << 17)
+
+
+def read_data(args: argparse.Namespace) -> NLIData:
+    """``--data``, cut to its first ``--limit`` pairs when given."""
+    data = read_nli_file(args.data)
+    if args.limit:
+        data.examples = data.examples[: args.limit]
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_run_arguments(parser)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--generate-baseline", type=int, default=0)
     parser.add_argument(
@@ -137,9 +151,7 @@ def main() -> None:
         configs.append(classifier_options(parse_config(text), encode_chunk=args.encode_chunk))
 
     base = load_base_model(resolve_model(args.model), device=args.device)
-    data = read_nli_file(args.data)
-    if args.limit:
-        data.examples = data.examples[: args.limit]
+    data = read_data(args)
     rows = []
     for (name, options), batch_size in [(c, size) for c in configs for size in args.batch_sizes]:
         graphs = GraphSettings(max_batch=batch_size) if options.get("cuda_graphs") else None
