@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-dir", help="write report.json, report.md and confusion_matrix.png here"
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    evaluate.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass")
+    evaluate.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pairs per forward pass (default: 1024 on a GPU, 64 on the CPU)",
+    )
     evaluate.add_argument("--max-length", type=int, default=512, help="token budget per pair")
     evaluate.add_argument(
         "--compile",

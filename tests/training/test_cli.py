@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from training.cli import main
 
@@ -111,6 +112,19 @@ def test_evaluate_compile_reaches_the_classifier(
     code, _, err = run_cli(capsys, *common, "--device", "cpu", "--no-progress")
     assert code == 0, err
     assert seen[-1]["compile"] is False
+    # the batch size: the CPU's default unless given
+    assert (seen[-1]["max_batch_size"], seen[-1]["max_tokens_per_batch"]) == (64, 64 * 128)
+    code, _, err = run_cli(capsys, *common, "--device", "cpu", "--no-progress", "--batch-size", "4")
+    assert code == 0, err
+    assert seen[-1]["max_batch_size"] == 4
+
+
+def test_evaluation_batches_are_larger_on_a_gpu() -> None:
+    from training.evaluate import default_batch_size
+
+    assert default_batch_size(torch.device("cuda", 1)) == 1024
+    assert default_batch_size(torch.device("cpu")) == 64
+    assert default_batch_size(torch.device("mps")) == 64
 
 
 @pytest.mark.parametrize(
