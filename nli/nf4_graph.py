@@ -16,9 +16,9 @@ equals bitsandbytes' dequantize-then-linear result exactly: the path it takes on
 rows and on the CPU. For fewer rows bitsandbytes runs a fused kernel whose rounding differs
 slightly.
 
-Eligible: NF4 layers whose compute dtype is set (after their first eager forward), whose weight
-is whole blocks, and which bitsandbytes has not repacked for its CPU kernel. Others keep
-bitsandbytes' forward.
+Eligible: NF4 layers whose compute dtype is set, whose weight was quantized as stored
+(``[out, in]``) in whole blocks, and which bitsandbytes has not repacked for its CPU kernel.
+Others keep bitsandbytes' forward.
 """
 
 from __future__ import annotations
@@ -95,7 +95,11 @@ def _forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(module: Any) -> bool:
-    """Set (or refresh) the module's NF4 attributes; False where it is not eligible."""
+    """Set the module's NF4 attributes, once per weight tensor; False where it is not eligible."""
+    data = module.weight.data
+    packed = getattr(module, _PACKED, None)
+    if packed is not None and packed.data_ptr() == data.data_ptr() and packed.device == data.device:
+        return True  # prepared for this very weight (bitsandbytes' repacking makes a new one)
     state = getattr(module.weight, "quant_state", None)
     if (
         state is None
@@ -103,17 +107,15 @@ def _prepare(module: Any) -> bool:
         or getattr(state, "packing_format_for_cpu", False)
         or not getattr(module, "compute_type_is_set", False)
         or module.compute_dtype is None
-        or module.weight.numel() * 2 != module.out_features * module.in_features
+        or tuple(state.shape) != (module.out_features, module.in_features)
+        or data.numel() * 2 != module.out_features * module.in_features
         or (module.out_features * module.in_features) % state.blocksize
     ):
         return False
-    packed = getattr(module, _PACKED, None)
-    data = module.weight.data
-    if packed is None or packed.data_ptr() != data.data_ptr() or packed.device != data.device:
-        setattr(module, _PACKED, data)
-        setattr(module, _CODE, state.code.to(device=data.device, dtype=torch.float32))
-        setattr(module, _ABSMAX, expanded_absmax(state).to(data.device))
-        setattr(module, _BLOCK, int(state.blocksize))
+    setattr(module, _PACKED, data)
+    setattr(module, _CODE, state.code.to(device=data.device, dtype=torch.float32))
+    setattr(module, _ABSMAX, expanded_absmax(state).to(data.device))
+    setattr(module, _BLOCK, int(state.blocksize))
     return True
 
 

@@ -78,9 +78,12 @@ def test_layers_it_cannot_reproduce_keep_bitsandbytes(tiny_model_dir: Path) -> N
     modules[0].weight.quant_state.packing_format_for_cpu = True  # another byte layout
     modules[1].compute_type_is_set = False  # bitsandbytes picks the dtype at its next forward
     modules[2].weight.quant_state.quant_type = "fp4"
+    modules[3].weight.quant_state.shape = torch.Size(
+        [modules[3].in_features, modules[3].out_features + 1]
+    )
     with nf4_graph.installed(modules) as count:
-        assert count == len(modules) - 3
-        assert all("forward" not in vars(m) for m in modules[:3])
+        assert count == len(modules) - 4
+        assert all("forward" not in vars(m) for m in modules[:4])
 
 
 @pytest.mark.parametrize("torch_nf4", [True, False])
