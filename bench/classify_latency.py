@@ -137,6 +137,42 @@ def make_adapters(
     }
 
 
+def adapter_seeds(swaps: int) -> dict[str, int]:
+    """``{name: seed}`` of the random adapters a run needs: the default, ``bench-b`` and the
+    hot-swap ones (at least two, which the swaps under load use)."""
+    swap_names = [f"swap-{i}" for i in range(max(swaps, 2))]
+    return {RANDOM_DEFAULT: 1, OTHER_ADAPTER: 2, **{n: 10 + i for i, n in enumerate(swap_names)}}
+
+
+def ensure_adapters(args: argparse.Namespace, base_model: str, root: Path) -> dict[str, float]:
+    """Make the adapters of ``adapter_seeds`` missing from ``root``; ``make_adapters``' timings,
+    or an empty dict when none was missing. An adapter counts as made once its manifest, written
+    last, is there (a run cut short while making one makes it again)."""
+    from nli.manifest import MANIFEST_FILE
+
+    root.mkdir(parents=True, exist_ok=True)
+    seeds = adapter_seeds(args.swaps)
+    missing = {n: seed for n, seed in seeds.items() if not (root / n / MANIFEST_FILE).is_file()}
+    if not missing:
+        return {}
+    return make_adapters(
+        base_model, root, missing, rank=args.rank, alpha=args.alpha,
+        dtype=args.adapter_dtype, quantization=args.quantization,
+    )  # fmt: skip
+
+
+def prepare_adapters(*argv: str) -> Path:
+    """Make, ahead of time, the adapters a later run with these arguments (``--adapters-dir``
+    included) will find: ``bench/run_gpu.sh`` does this in its ``prepare`` step, whose process
+    has imported torch and transformers already, so the classify steps do not pay those imports
+    again before their servers can start."""
+    args = build_parser().parse_args(list(argv))
+    if args.adapters_dir is None:
+        raise SystemExit("prepare_adapters needs --adapters-dir")
+    ensure_adapters(args, resolve_model(args.model), args.adapters_dir)
+    return args.adapters_dir
+
+
 # -- the server -------------------------------------------------------------------------------
 
 
@@ -539,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--workdir", type=Path, default=None, help="kept if given")
+    parser.add_argument(
+        "--adapters-dir", type=Path, default=None,
+        help="the random adapters' folder, made there when missing (default: WORKDIR/adapters)",
+    )  # fmt: skip
     parser.add_argument("--server-log", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     return parser
@@ -550,19 +590,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nli-bench-classify-"))
-    adapters_dir = workdir / "adapters"
-    adapters_dir.mkdir(parents=True, exist_ok=True)
+    adapters_dir = args.adapters_dir or workdir / "adapters"
     base_model = resolve_model(args.model)
-    swap_names = [f"swap-{i}" for i in range(max(args.swaps, 2))]
-    seeds = {RANDOM_DEFAULT: 1, OTHER_ADAPTER: 2, **{n: 10 + i for i, n in enumerate(swap_names)}}
-    missing = {n: s for n, s in seeds.items() if not (adapters_dir / n).is_dir()}
+    swap_names = list(adapter_seeds(args.swaps))[2:]
     t = time.perf_counter()
-    made: dict[str, float] = {}
-    if missing:
-        made = make_adapters(
-            base_model, adapters_dir, missing, rank=args.rank, alpha=args.alpha,
-            dtype=args.adapter_dtype, quantization=args.quantization,
-        )  # fmt: skip
+    made = ensure_adapters(args, base_model, adapters_dir)
     adapters_s = time.perf_counter() - t
     adapter_bytes = sum(p.stat().st_size for p in (adapters_dir / RANDOM_DEFAULT).iterdir())
 

@@ -106,21 +106,37 @@ sys.exit(f'missing: {missing}' if missing else 0)" fastapi uvicorn prometheus_cl
   pydantic_settings bitsandbytes 2>"$LOGS/imports.log"; then
   NOTES+=("server dependencies missing (see imports.log): classify steps will fail")
 fi
-# The converted default model and the random Qwen2-1.5B shape, built once for every step.
-if [[ "$STEPS" == *qwen* ]]; then
-  step prepare 120 $PY -c "from bench.common import resolve_model as r; print(r('smollm2'), r('qwen2-1.5b'))"
+# The converted default model, the random Qwen2-1.5B shape and the classify steps' random
+# adapters, made once for every step in one process: the classify steps then start their
+# servers without first importing torch, transformers and PEFT to make adapters (14-16 s a
+# step on the H100 host of 2329784).
+declare -A SWAPS=([smollm2]=5 [qwen2-1.5b]=3) # hot swaps per classify step, by model
+ADAPTERS=$LOGS/adapters
+resolve="" premake=""
+[[ "$STEPS" == *qwen* ]] && resolve="smollm2 qwen2-1.5b"
+[[ "$STEPS" == *classify-smollm2* ]] && premake+=" smollm2:${SWAPS[smollm2]}"
+[[ "$STEPS" == *classify-qwen* ]] && premake+=" qwen2-1.5b:${SWAPS[qwen2-1.5b]}"
+if [[ -n "$resolve$premake" ]]; then
+  step prepare 120 $PY -c "import sys
+from bench.classify_latency import prepare_adapters
+from bench.common import resolve_model
+for model in sys.argv[1].split():
+    print(resolve_model(model))
+for model, swaps in (item.split(':') for item in sys.argv[2].split()):
+    print(prepare_adapters('--model', model, '--swaps', swaps, '--adapters-dir', f'{sys.argv[3]}/{model}'))
+" "$resolve" "$premake" "$ADAPTERS"
 fi
 
 for name in $STEPS; do
   case $name in
     classify-smollm2 | classify-qwen | classify-smollm2-deq | classify-qwen-deq | classify-smollm2-eager)
-      model=smollm2 budget=120 requests=300 swaps=5 extra=()
-      [[ $name == classify-qwen* ]] && model=qwen2-1.5b budget=150 requests=150 swaps=3
+      model=smollm2 budget=120 requests=300 extra=()
+      [[ $name == classify-qwen* ]] && model=qwen2-1.5b budget=150 requests=150
       [[ $name == *-deq ]] && extra=(--env NLI_DEQUANTIZE=1)
       [[ $name == classify-smollm2-eager ]] && extra=(--env NLI_CUDA_GRAPHS=0)
       step "$name" $budget $PY -m bench.classify_latency --model $model --device cuda "${extra[@]}" \
-        --data "$DATA/test.jsonl" --requests $requests --duration 6 --swaps $swaps \
-        --swap-cycles 6 --direct-baseline \
+        --data "$DATA/test.jsonl" --requests $requests --duration 6 --swaps "${SWAPS[$model]}" \
+        --swap-cycles 6 --direct-baseline --adapters-dir "$ADAPTERS/$model" \
         --server-log "$LOGS/server-$name.log" --out "$LOGS/$name.json"
       ;;
     train-smollm2)
