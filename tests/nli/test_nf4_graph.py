@@ -120,3 +120,26 @@ def test_inductor_compiles_the_dequantization(tiny_model_dir: Path) -> None:
     np.testing.assert_allclose(got, expected, atol=0.05)
     assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' CUDA kernels")
+@pytest.mark.parametrize("rows", [2048, 64])
+def test_on_cuda_it_equals_bitsandbytes_past_its_fused_kernel(rows: int) -> None:
+    """Past 1,536 token rows bitsandbytes dequantizes and calls ``F.linear``: equal exactly.
+    Below, its fused kernel rounds differently: equal up to bf16 rounding."""
+    from bitsandbytes.nn import Linear4bit
+
+    torch.manual_seed(0)
+    layer = Linear4bit(
+        576, 1536, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+    ).cuda()  # quantized (nested block scales) on the way to the GPU
+    x = torch.randn(rows, 576, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = layer(x)
+        with nf4_graph.installed([layer]) as count:
+            assert count == 1
+            got = layer(x)
+    if rows > 1536:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
