@@ -8,7 +8,8 @@ up with one ``evaluate_dataset`` pass (compiles, graph recordings), then timed p
 best of ``--repeats`` each:
 
 - ``encode_s``: tokenising every pair (``NLIClassifier.encode``), on this thread alone;
-- ``launch_s``: scoring the pre-tokenised pairs, until the host has queued every batch;
+- ``launch_s``: scoring the pre-tokenised pairs, until the host has queued every batch (before
+  this was fixed, the results of 2026-11-27 timed it until the GPU was done, too);
 - ``device_s``: the same, until the probabilities are back on the host;
 - ``kernel_s``: the GPU's busy time in that scoring (CUDA kernels and copies, torch profiler);
 - ``full_s``: the whole ``evaluate_dataset`` pass, as ``bench.eval_throughput`` times it.
@@ -52,15 +53,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_of(repeats: int, run: Callable[[], Any], device: torch.device) -> float:
-    """The shortest of ``repeats`` timed runs, each started and ended with the device idle."""
+def best_of(
+    repeats: int, run: Callable[[], Any], device: torch.device, *, until_idle: bool = True
+) -> float:
+    """The shortest of ``repeats`` runs, each started with the device idle and timed until the
+    device is idle again (``until_idle``) or until ``run`` returns."""
     times = []
     for _ in range(repeats):
         sync(device)
         began = time.perf_counter()
         run()
-        sync(device)
+        if until_idle:
+            sync(device)
         times.append(time.perf_counter() - began)
+        sync(device)
     return min(times)
 
 
@@ -181,6 +187,7 @@ def main() -> None:
         args.repeats,
         lambda: classifier._score_on_device(encoded, adapters, progress=None),
         device,
+        until_idle=False,
     )
     result: dict[str, Any] = {
         "benchmark": "eval_profile",
