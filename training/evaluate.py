@@ -84,7 +84,8 @@ def build_classifier(
     ``NLIClassifier``).
     """
     base = load_base_model(base_model, quantization=quantization, device=device)  # type: ignore[arg-type]
-    batch_size = batch_size or default_batch_size(base.device)
+    if batch_size is None:
+        batch_size = default_batch_size(base.device)
     return NLIClassifier(
         base,
         max_length=max_length,

@@ -117,6 +117,8 @@ def test_evaluate_compile_reaches_the_classifier(
     code, _, err = run_cli(capsys, *common, "--device", "cpu", "--no-progress", "--batch-size", "4")
     assert code == 0, err
     assert seen[-1]["max_batch_size"] == 4
+    code, _, err = run_cli(capsys, *common, "--device", "cpu", "--no-progress", "--batch-size", "0")
+    assert code != 0 and "must be positive" in err  # 0 is refused, not taken for the default
 
 
 def test_evaluation_batches_are_larger_on_a_gpu() -> None:
