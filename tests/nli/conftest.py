@@ -12,6 +12,15 @@ from nli.loading import LoadedBase, load_base_model
 from tests.nli.adapters import make_adapter
 
 
+@pytest.fixture
+def fresh_dynamo() -> None:
+    """Dynamo's caches and counters emptied, so a test counts only its own graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
 @pytest.fixture(scope="module")
 def base(tiny_model_dir: Path) -> LoadedBase:
     """The tiny model in NF4 on the CPU, loaded once per test module."""

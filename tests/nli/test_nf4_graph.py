@@ -15,7 +15,7 @@ from nli.loading import LoadedBase, load_base_model
 from nli.prefix_cache import cache_argument
 from nli.scoring import split_peft
 from tests.compile_backends import RecordingBackend
-from tests.nli.test_layer_compile import PAIRS, prefixed_scores
+from tests.nli.test_layer_compile import PAIRS, assert_inductor_agrees, prefixed_scores
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -86,13 +86,12 @@ def test_layers_it_cannot_reproduce_keep_bitsandbytes(tiny_model_dir: Path) -> N
         assert all("forward" not in vars(m) for m in modules[:4])
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("torch_nf4", [True, False])
 def test_compiled_layers_hold_the_dequantization(tiny_model_dir: Path, torch_nf4: bool) -> None:
     """With ``torch_nf4`` the traced layer calls no bitsandbytes op, still one graph serves
     every layer, and the scores are the eager ones exactly (the eager backend runs the traced
     operations as they are)."""
-    torch._dynamo.reset()
-    counters.clear()
     base = _used_base(tiny_model_dir)
     decoder = split_peft(base.model)[0].get_decoder()
     backend = RecordingBackend()
@@ -107,19 +106,11 @@ def test_compiled_layers_hold_the_dequantization(tiny_model_dir: Path, torch_nf4
     assert calls_bnb is not torch_nf4
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_inductor_compiles_the_dequantization(tiny_model_dir: Path) -> None:
     """The real backend (CPU Inductor here, Triton on a GPU) compiles the torch forward; the
     scores equal the eager ones up to the fused kernels' rounding."""
-    torch._dynamo.reset()
-    counters.clear()
-    base = _used_base(tiny_model_dir)
-    decoder = split_peft(base.model)[0].get_decoder()
-    compiled = LayerCompiledDecoder(decoder, cache_argument(decoder))
-    expected = prefixed_scores(base, PAIRS, None)
-    got = prefixed_scores(base, PAIRS, compiled)
-    np.testing.assert_allclose(got, expected, atol=0.05)
-    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
-    assert counters["stats"]["unique_graphs"] == 1
+    assert_inductor_agrees(_used_base(tiny_model_dir))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' CUDA kernels")
