@@ -42,6 +42,20 @@ def test_training_rows_name_the_speed_settings_used(run: dict[str, Any], label: 
     assert row[2] == "2100.0 ex/s (met)"
 
 
+def _summary(
+    result: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> str:
+    """What ``python -m bench.gpu_summary`` prints for ``result`` written to a file."""
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result) + "\n")
+    monkeypatch.setattr("sys.argv", ["gpu_summary", str(path)])
+    gpu_summary.main()
+    return capsys.readouterr().out
+
+
 def test_graph_accuracy_results_get_a_row(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -56,11 +70,7 @@ def test_graph_accuracy_results_get_a_row(
         "same_label": 1987,
         "max_prob_gap": 0.1167,
     }
-    path = tmp_path / "graph-accuracy.json"
-    path.write_text(json.dumps(result) + "\n")
-    monkeypatch.setattr("sys.argv", ["gpu_summary", str(path)])
-    gpu_summary.main()
-    out = capsys.readouterr().out
+    out = _summary(result, tmp_path, capsys, monkeypatch)
     assert "skipping" not in out
     assert "| graphed vs eager scores, MergedSlot, dequantized |" in out
     assert "85.15% graphed vs 85.30% eager" in out
@@ -115,11 +125,7 @@ def test_eval_profile_results_get_a_row(
         "device_s": 0.335, "kernel_s": 0.305, "full_s": 0.613, "pairs_per_s": 16031,
         "card": "NVIDIA H100 80GB HBM3", "commit": "2329784",
     }  # fmt: skip
-    path = tmp_path / "profile.json"
-    path.write_text(json.dumps(result) + "\n")
-    monkeypatch.setattr("sys.argv", ["gpu_summary", str(path)])
-    gpu_summary.main()
-    out = capsys.readouterr().out
+    out = _summary(result, tmp_path, capsys, monkeypatch)
     assert "skipping" not in out
     assert (
         "| eval profile smollm2 [prefix+overlap+compile] | >= 15000 pairs/s | 16031 pairs/s (met) |"
