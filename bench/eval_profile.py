@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bench.common import git_commit, resolve_model
+from bench.common import device_busy_s, git_commit, resolve_model
 from bench.eval_throughput import add_run_arguments, classifier_options, parse_config, read_data
 from nli.classifier import NLIClassifier
 from nli.cuda_graphs import GraphSettings
@@ -72,14 +72,15 @@ def best_of(
 
 def kernel_seconds(run: Callable[[], Any]) -> float:
     """GPU busy time of ``run``: the summed durations of its device-side events (kernels,
-    copies, memsets; they do not overlap on one stream)."""
+    copies, memsets; they do not overlap on one stream), each counted once
+    (``bench.common.device_busy_s``; before that, the results of 2026-11-27 also summed the
+    CUDA runtime's launch rows, which carry their kernels' time)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    busy_us = sum(event.self_device_time_total for event in prof.key_averages())
-    return busy_us / 1e6
+    return device_busy_s(prof.key_averages())
 
 
 def sync_calls(run: Callable[[], Any], *, frames: int = 4) -> list[dict[str, Any]]:

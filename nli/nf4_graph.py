@@ -5,8 +5,8 @@ whose CUDA implementation is Python: past 1,536 token rows it rebuilds the layer
 (absmax) from their 8-bit form, dequantizes the weight through two ctypes calls, then runs
 ``F.linear``. In a compiled evaluation those calls were most of the host's work: on an H100
 host, scoring one pass over SNLI test took 0.65-0.66 s with the weights packed and 0.32-0.40 s
-with them held dequantized, while the GPU was busy for 0.30-0.32 s (BENCHMARKS.md, "Evaluation
-throughput").
+with them held dequantized, while the GPU was busy for at most 0.30-0.32 s (BENCHMARKS.md,
+"Evaluation throughput").
 
 ``installed(modules)`` gives each eligible ``Linear4bit`` a forward of torch ops while the block
 runs: split every byte into its two 4-bit codes, look them up in the NF4 table, scale by the
