@@ -39,7 +39,8 @@
 # `python -m bench.eval_throughput --configs plain` (BENCHMARKS.md has its numbers).
 # eval-smollm2-graphs (only when named) times that path against CUDA graphs per batch bucket;
 # eval-smollm2-gc with and without evaluate_dataset's freeze of older objects (nli.gc_freeze);
-# eval-profile-smollm2 splits a pass into tokenising, launching and GPU time (bench.eval_profile);
+# eval-profile-smollm2 splits a pass into tokenising, launching and GPU time (bench.eval_profile),
+# with NF4 dequantized in the compiled graph and with bitsandbytes' forward;
 # eval-smollm2-overlap with and without tokenising on a background thread.
 # train-qwen-compiled trains the 1.5B shape with compiled layers, then eager, in one call.
 # e.g. STEPS="eval-smollm2 eval-qwen" for a second call when the first ran out of time.
@@ -183,9 +184,10 @@ for name in $STEPS; do
         --low-memory --data-dir "$DATA" --log-dir "$LOGS" --out "$LOGS/$name.json"
       ;;
     train-qwen-compiled)
-      # The 1.5B shape's real run with its decoder layers compiled, then eager as train-qwen
-      # runs it, same call. Not graphed: at batch 128 the recorded graphs' memory pool (48 GiB)
-      # and the next shape's eager warm-up ran out of an H100's memory (e1bcc97).
+      # The 1.5B shape's real run with its decoder layers compiled (the recipe's setting on one
+      # GPU since 2329784, as train-qwen runs it), then eager, same call. Not graphed: at batch
+      # 128 the recorded graphs' memory pool (48 GiB) and the next shape's eager warm-up ran out
+      # of an H100's memory (e1bcc97).
       for run in compiled eager; do
         step "$name-$run" $([[ $run == compiled ]] && echo 200 || echo 120) \
           $PY -m bench.train_throughput --model qwen2-1.5b --only real --batch-size 128 \
@@ -223,10 +225,12 @@ for name in $STEPS; do
       done
       ;;
     eval-profile-smollm2)
-      # Where a pass of the real path goes (bench.eval_profile), then of CUDA graphs per bucket.
-      for config in prefix+overlap+compile overlap+graphs; do
-        step "$name-$config" 150 $PY -m bench.eval_profile --model smollm2 --config $config \
-          --data "$DATA/test.jsonl" --out "$LOGS/$name-$config.json"
+      # Where a pass of the real path goes (bench.eval_profile), with the NF4 layers dequantized
+      # in the compiled graph (nli.nf4_graph), then with bitsandbytes' forward, same call.
+      for run in nf4-graph bnb-nf4; do
+        step "$name-$run" 150 $PY -m bench.eval_profile --model smollm2 \
+          $([[ $run == bnb-nf4 ]] && echo --bnb-nf4) \
+          --data "$DATA/test.jsonl" --out "$LOGS/$name-$run.json"
       done
       ;;
     eval-qwen)
