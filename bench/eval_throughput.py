@@ -5,7 +5,8 @@
         [--configs plain prefix prefix+overlap prefix+overlap+compile]
 
 Runs ``nli.evaluation.evaluate_dataset`` over the SNLI test split (9,824 pairs) with the bare
-base model, after one warm-up pass, and prints pairs/s per batch size plus one JSON line.
+base model, after one warm-up pass, and prints pairs/s per batch size (the best timed pass and
+the median) plus one JSON line; the line also counts each pass's garbage collections.
 With ``--generate-baseline N`` it also times a naive per-pair ``generate`` on N pairs.
 
 Speed levers of ``NLIClassifier``, each switchable so one run measures them side by side:
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import git_commit, resolve_model
+from bench.common import GcWatch, git_commit, resolve_model
 from nli.classifier import NLIClassifier
 from nli.cuda_graphs import GraphSettings
 from nli.data import NLIData, read_nli_file
@@ -159,17 +161,21 @@ def main() -> None:
             base, max_batch_size=batch_size, max_tokens_per_batch=args.max_tokens,
             graph_settings=graphs, **options,
         )  # fmt: skip
-        seconds = []
+        seconds: list[float] = []
+        collections: list[GcWatch] = []
         for _ in range(args.repeats + 1):  # the first pass warms up kernels (and compiles)
             sync()
             start = time.perf_counter()
-            report = evaluate_dataset(
-                data, classifier.score_pairs, adapter=None, base_model=base.ref.name,
-                chunk_size=len(data.examples),
-            )  # fmt: skip
-            sync()
+            with GcWatch() as watch:
+                report = evaluate_dataset(
+                    data, classifier.score_pairs, adapter=None, base_model=base.ref.name,
+                    chunk_size=len(data.examples),
+                )  # fmt: skip
+                sync()
             seconds.append(time.perf_counter() - start)
-        best = len(data.examples) / min(seconds[1:] or seconds)
+            collections.append(watch)
+        timed = seconds[1:] or seconds
+        best = len(data.examples) / min(timed)
         warmup_s = seconds[0]
         rows.append(
             {
@@ -178,7 +184,11 @@ def main() -> None:
                 "warmup_s": round(warmup_s, 1),
                 "pairs": len(data.examples),
                 "pairs_per_s": round(best),  # the best timed pass
+                "median_pairs_per_s": round(len(data.examples) / statistics.median(timed)),
                 "passes_s": [round(x, 3) for x in seconds],  # the warm-up pass first
+                # Per pass, as passes_s: full collections, and seconds in any collection.
+                "gc_full": [watch.full for watch in collections],
+                "gc_s": [round(watch.seconds, 3) for watch in collections],
                 "accuracy": round(report["metrics"]["accuracy"], 4),
             }
         )
@@ -200,7 +210,8 @@ def main() -> None:
     print(f"{args.model} on {card}")
     for row in rows:
         print(
-            "{config:>40} batch {batch_size:>5}: {pairs_per_s:>7} pairs/s "
+            "{config:>40} batch {batch_size:>5}: {pairs_per_s:>7} pairs/s best, "
+            "{median_pairs_per_s} median "
             "(accuracy {accuracy}, first pass {warmup_s} s)".format(**row)
         )
     print(json.dumps(result))

@@ -183,11 +183,24 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
 
 
 def _timed_passes(row: dict[str, Any]) -> str:
-    """ ", best of 2 passes (0.62, 0.65 s)" where the result lists its passes."""
+    """ ", best of 2 passes (0.62, 0.65 s)" where the result lists its passes, plus the full
+    garbage collections per timed pass where it counted them."""
     timed = row.get("passes_s", [])[1:]
     if len(timed) < 2:
         return ""
-    return f", best of {len(timed)} passes ({', '.join(str(s) for s in timed)} s)"
+    text = f", best of {len(timed)} passes ({', '.join(str(s) for s in timed)} s)"
+    if "gc_full" in row:
+        text += f", full GCs per pass {', '.join(str(n) for n in row['gc_full'][1:])}"
+    return text
+
+
+def _eval_rate(row: dict[str, Any], goal: int | None) -> str:
+    """The best pass's rate against the goal, and the median pass's where recorded."""
+    rate = row["pairs_per_s"]
+    text = f"{rate} pairs/s"
+    if "median_pairs_per_s" in row:
+        text += f" best, {row['median_pairs_per_s']} median"
+    return text + (f" ({mark(rate, goal)})" if goal else "")
 
 
 def eval_rows(r: dict[str, Any]) -> list[Row]:
@@ -197,12 +210,11 @@ def eval_rows(r: dict[str, Any]) -> list[Row]:
     # Results from before nli.gc_freeze carry no "gc_freeze" key: label only the A/B's off side.
     unfrozen = ", no gc freeze" if r.get("gc_freeze") is False else ""
     for row in r["results"]:
-        rate = row["pairs_per_s"]
         rows.append(
             (
                 f"eval {model} [{row['config']}{unfrozen}]",
                 f">= {goal} pairs/s" if goal else "-",
-                f"{rate} pairs/s" + (f" ({mark(rate, goal)})" if goal else ""),
+                _eval_rate(row, goal),
                 f"batch {row['batch_size']}, {row['pairs']} pairs, accuracy {row['accuracy']}, "
                 f"first pass {row['warmup_s']} s" + _timed_passes(row),
             )
