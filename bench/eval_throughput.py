@@ -6,7 +6,9 @@
 
 Runs ``nli.evaluation.evaluate_dataset`` over the SNLI test split (9,824 pairs) with the bare
 base model, after one warm-up pass, and prints pairs/s per batch size (the best timed pass and
-the median) plus one JSON line; the line also counts each pass's garbage collections.
+the median) plus one JSON line. The line also counts, per pass, the garbage collector's full
+collections and, on CUDA, the caching allocator's device allocations and retries: what a slow
+pass may have spent its time on.
 With ``--generate-baseline N`` it also times a naive per-pair ``generate`` on N pairs.
 
 Speed levers of ``NLIClassifier``, each switchable so one run measures them side by side:
@@ -44,6 +46,15 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli" 
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's running counts of device allocations (``cudaMalloc``) and
+    of retries after freeing its cache (each one synchronises); empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_alloc_retries")}
 
 
 def generate_baseline(classifier: NLIClassifier, pairs: list[tuple[str, str]]) -> float:
@@ -163,8 +174,10 @@ def main() -> None:
         )  # fmt: skip
         seconds: list[float] = []
         collections: list[GcWatch] = []
+        allocations: list[dict[str, int]] = []
         for _ in range(args.repeats + 1):  # the first pass warms up kernels (and compiles)
             sync()
+            before = allocator_counts(base.device)
             start = time.perf_counter()
             with GcWatch() as watch:
                 report = evaluate_dataset(
@@ -174,9 +187,13 @@ def main() -> None:
                 sync()
             seconds.append(time.perf_counter() - start)
             collections.append(watch)
+            after = allocator_counts(base.device)
+            allocations.append({key: after[key] - before[key] for key in after})
         timed = seconds[1:] or seconds
         best = len(data.examples) / min(timed)
         warmup_s = seconds[0]
+        # CUDA only: the allocator's new device allocations and retries, per pass.
+        allocator = {key: [a[key] for a in allocations] for key in allocations[0]}
         rows.append(
             {
                 "config": name,
@@ -189,6 +206,7 @@ def main() -> None:
                 # Per pass, as passes_s: full collections, and seconds in any collection.
                 "gc_full": [watch.full for watch in collections],
                 "gc_s": [round(watch.seconds, 3) for watch in collections],
+                **allocator,
                 "accuracy": round(report["metrics"]["accuracy"], 4),
             }
         )

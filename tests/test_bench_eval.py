@@ -65,3 +65,4 @@ def test_throughput_gives_best_and_median_passes_and_their_collections(
     assert row["median_pairs_per_s"] == pytest.approx(9 / timed[1], rel=0.05)
     assert row["pairs_per_s"] >= row["median_pairs_per_s"]
     assert all(n >= 0 for n in row["gc_full"]) and all(s >= 0 for s in row["gc_s"])
+    assert "num_device_alloc" not in row  # the CUDA allocator's counts: on CUDA only
