@@ -3,9 +3,9 @@
 # each step's timeout is cut to the time left, and a step with less time left than it needs,
 # NEED below, is skipped and named). With the default model converted beforehand, as the Docker
 # image bakes it (`python -m nli pull-default-model`), the default steps took 370 s on one H100
-# host (e636645) and 415 s on another (2329784); without that, `prepare` converts it first. A
-# slower H100 host needed ~530 s at e636645: there the last steps are skipped and named
-# (BENCHMARKS.md, "The GPU suite"); BUDGET_S=575 runs them all.
+# host (e636645), 415 s on another (2329784) and 425 s on a third (bc2d04a); without that,
+# `prepare` converts it first. A slower H100 host needed ~530 s at e636645: there the last
+# steps are skipped and named (BENCHMARKS.md, "The GPU suite"); BUDGET_S=575 runs them all.
 #
 # Device commands (repo root). Staging, on a fresh machine: the model parts (see
 # ../shared/gpu/stage-model.sh), .gpu/data, and .gpu/site.tar.xz (with prometheus_client); the
