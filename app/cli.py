@@ -13,6 +13,7 @@ import signal
 import sys
 
 from app.logs import configure_logging
+from app.serving_stack import log_serving_stack
 from app.settings import load_settings
 from nli.errors import ConfigError
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         server_header=False,
     )
+    log_serving_stack()
     server = uvicorn.Server(config)
     # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal to
     # the handler it found installed: make that a no-op, so a clean shutdown exits 0.

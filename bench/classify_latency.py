@@ -46,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from app.serving_stack import serving_stack
 from bench.common import (
     DEFAULT_DATA,
     MODEL_CHOICES,
@@ -630,6 +631,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in settings.items() if k != "NLI_API_KEY"},
         "access_log": args.access_log,
+        # The server runs in this Python with this environment: what uvicorn picks there.
+        "serving_stack": serving_stack(),
         "adapter": {"rank": args.rank, "alpha": args.alpha, "dtype": args.adapter_dtype,
                     "bytes": adapter_bytes, "made_in_s": round(adapters_s, 1), **made},
     }  # fmt: skip

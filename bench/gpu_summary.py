@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from app.serving_stack import FAST
+
 Row = tuple[str, str, str, str]
 
 # (model, on a GPU) -> 1-client p50 goal in ms; hot-swap goal in ms.
@@ -30,6 +32,15 @@ def mark(value: float | None, goal: float | None, *, lower_is_better: bool = Fal
         return "n/a"
     met = value <= goal if lower_is_better else value >= goal
     return "met" if met else "MISSED"
+
+
+def _slow_stack(r: dict[str, Any]) -> str:
+    """A warning where the server ran without httptools or uvloop (results from before the
+    bench recorded it carry no "serving_stack": nothing is said)."""
+    stack = r.get("serving_stack")
+    if not stack or stack == FAST:
+        return ""
+    return f"; SERVED WITH {stack['http']} + {stack['loop']}, not httptools + uvloop"
 
 
 def classify_rows(r: dict[str, Any]) -> list[Row]:
@@ -70,7 +81,8 @@ def classify_rows(r: dict[str, Any]) -> list[Row]:
                 f"p99 {load['latency_p99_ms']} ms, errors {load['errors']}{verdict}",
                 f"{load['window_s']} s window, {load['client_processes']} client procs, "
                 f"{batching.get('mean_requests_per_pass', '?')} req/forward"
-                + (f"; worker per pass: {per_pass}" if per_pass else ""),
+                + (f"; worker per pass: {per_pass}" if per_pass else "")
+                + _slow_stack(r),
             )
         )
     if "hot_swap" in r:

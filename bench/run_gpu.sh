@@ -8,8 +8,10 @@
 # steps are skipped and named (BENCHMARKS.md, "The GPU suite"); BUDGET_S=575 runs them all.
 #
 # Device commands (repo root). Staging, on a fresh machine: the model parts (see
-# ../shared/gpu/stage-model.sh), .gpu/data, and .gpu/site.tar.xz (with prometheus_client); the
-# last staging call also converts the model:
+# ../shared/gpu/stage-model.sh), .gpu/data, and .gpu/site.tar.xz, made with
+# `../shared/gpu/make-site.sh prometheus_client httptools uvloop` (the service's dependencies that
+# the image lacks; without the last two uvicorn serves with h11 and asyncio, as the classify
+# steps of bc2d04a most likely did); the last staging call also converts the model:
 #   tar -xJf .gpu/site.tar.xz -C /tmp && export PYTHONPATH=/tmp/site:$PWD \
 #     && export NLI_CACHE_DIR=$PWD/.gpu/cache HF_HUB_OFFLINE=1 && python3 -m nli pull-default-model
 # The suite's call:
@@ -106,6 +108,10 @@ missing = [m for m in sys.argv[1:] if u.find_spec(m) is None]
 sys.exit(f'missing: {missing}' if missing else 0)" fastapi uvicorn prometheus_client \
   pydantic_settings bitsandbytes 2>"$LOGS/imports.log"; then
   NOTES+=("server dependencies missing (see imports.log): classify steps will fail")
+fi
+if ! $PY -c "import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ('httptools', 'uvloop')))"; then
+  NOTES+=("httptools or uvloop missing: the classify steps serve with h11 / asyncio, slower than the service's dependencies")
 fi
 # The converted default model, the random Qwen2-1.5B shape and the classify steps' random
 # adapters, made once for every step in one process: the classify steps then start their

@@ -143,3 +143,25 @@ def test_eval_profile_results_get_a_row(
         in out
     )
     assert "queuing 0.424 s, scoring 0.335 s (GPU busy 0.305 s), whole pass 0.613 s |" in out
+
+
+@pytest.mark.parametrize(
+    ("stack", "warned"),
+    [
+        ({"http": "h11", "loop": "asyncio"}, True),
+        ({"http": "httptools", "loop": "uvloop"}, False),
+        (None, False),  # results from before the bench recorded it
+    ],
+)
+def test_load_rows_warn_when_the_server_ran_without_httptools_and_uvloop(
+    stack: dict[str, str] | None, warned: bool
+) -> None:
+    load = {"clients": 64, "requests_per_s": 1336.3, "latency_p50_ms": 43.8}
+    load |= {"latency_p99_ms": 120.2, "errors": 0, "window_s": 6.0, "client_processes": 8}
+    result: dict[str, Any] = {"model": "smollm2", "machine": "NVIDIA H100 80GB HBM3"}
+    result["load"] = load
+    if stack is not None:
+        result["serving_stack"] = stack
+    (row,) = gpu_summary.classify_rows(result)
+    assert row[2].endswith("(MISSED)")
+    assert ("SERVED WITH h11 + asyncio, not httptools + uvloop" in row[3]) is warned
