@@ -36,6 +36,19 @@ SETTINGS = GraphSettings(max_batch=4, max_length=128, length_step=16, lora_rank=
 MORE_PAIRS = [*PAIRS, ("a woman reads a book on a bench outside", "nobody is reading")]
 
 
+def assert_bf16_equal(got: torch.Tensor, want: torch.Tensor, *, max_share: float = 0.02) -> None:
+    """Equal, but for a few elements one bf16 rounding step of a term apart. Matmuls of
+    different shapes (a group's fused product and a member's own, the slot's padded rank and
+    PEFT's) may sum in different orders on CPUs with native bf16 dot products (AVX512-BF16,
+    AMX): a term whose float32 sum lies near a rounding boundary then lands one step away, and
+    the output (base + LoRA term) moves by that step, up to 2**-7 of the largest value. A wrong
+    order of add and cast moves far more elements; another input's product, far more."""
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=2**-7 * float(want.abs().max()))
+    share = (got != want).float().mean().item()
+    assert share <= max_share, f"{share:.2%} of the elements differ"
+
+
 def eager_graphs(classifier: NLIClassifier) -> SmallBatchGraphs:
     classifier.graphs = SmallBatchGraphs(classifier.device, SETTINGS, record=False)
     return classifier.graphs
@@ -113,7 +126,8 @@ def test_slot_layer_output_equals_peft_lora_layer(
     tiny_model_dir: Path, graph_adapters: dict[str, Path], name: str, dequantize: bool
 ) -> None:
     """Layer by layer, base layer + slot hook == PEFT's LoRA layer (bitsandbytes' LoRA layer on
-    NF4, PEFT's plain Linear on the dequantized base): bit for bit when alpha / r = 2."""
+    NF4, PEFT's plain Linear on the dequantized base): bit for bit when alpha / r = 2, but for
+    the CPU's bf16 rounding of different matmul shapes (``assert_bf16_equal``)."""
     base = load_base_model(str(tiny_model_dir), device="cpu", dequantize=dequantize)
     classifier = NLIClassifier(base, max_batch_size=4)
     eager_graphs(classifier)
@@ -138,7 +152,7 @@ def test_slot_layer_output_equals_peft_lora_layer(
             with slot.hooked():
                 got = layer.get_base_layer()(x)
             if exact:
-                torch.testing.assert_close(got, want, rtol=0, atol=0)
+                assert_bf16_equal(got, want)
             else:
                 torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
             checked += 1
@@ -302,7 +316,8 @@ def test_fused_slot_layer_outputs_equal_unfused_and_peft(
 ) -> None:
     """q/k/v (and gate/up) called on one input, as the decoder does, take their ``x @ A^T`` from
     the group's one matmul: the layer outputs are PEFT's. In bf16, bit for bit (as the unfused
-    slot is), which also pins the order of add and cast; in fp32, up to matmul rounding."""
+    slot is) but for the CPU's rounding of different matmul shapes, which also pins the order of
+    add and cast; in fp32, up to matmul rounding."""
     _, decoder, layers = slot_with_adapter(tiny_model_dir, graph_adapters, dequantize=dequantize)
     fused = loaded_slot(decoder, layers)
     unfused = loaded_slot(decoder, layers, groups=[])
@@ -321,8 +336,8 @@ def test_fused_slot_layer_outputs_equal_unfused_and_peft(
             for name in names:
                 assert got[name].dtype == want[name].dtype == dtype
                 if dtype == torch.bfloat16:
-                    torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
-                    torch.testing.assert_close(got[name], alone[name], rtol=0, atol=0)
+                    assert_bf16_equal(got[name], want[name])
+                    assert_bf16_equal(got[name], alone[name])
                 else:
                     scale = float(want[name].abs().max())
                     torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6 * scale)
@@ -343,10 +358,10 @@ def test_a_member_whose_input_is_not_the_groups_computes_its_own_term(
         got_v = slot.modules[v](x)  # still x: v reads the cached product
         got_y = slot.modules[v](y.clone())  # an equal tensor that is not the input either
     with torch.inference_mode():
-        torch.testing.assert_close(got_q, layers[q](x), rtol=0, atol=0)
-        torch.testing.assert_close(got_k, layers[k](y), rtol=0, atol=0)
-        torch.testing.assert_close(got_v, layers[v](x), rtol=0, atol=0)
-        torch.testing.assert_close(got_y, layers[v](y), rtol=0, atol=0)
+        assert_bf16_equal(got_q, layers[q](x))
+        assert_bf16_equal(got_k, layers[k](y))
+        assert_bf16_equal(got_v, layers[v](x))
+        assert_bf16_equal(got_y, layers[v](y))
         # The check above could fail: k's term on x is far from its term on y.
         assert not torch.allclose(layers[k](x), got_k, atol=0.1)
 
@@ -380,8 +395,12 @@ def test_fused_decoder_runs_fewer_matmuls_and_a_wrong_group_is_harmless(
         got, fused_mm = count_ops(fused, decoder, ids)
         want, unfused_mm = count_ops(unfused, decoder, ids)
         wrong_got, wrong_mm = count_ops(wrong, decoder, ids)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    torch.testing.assert_close(wrong_got, want, rtol=0, atol=0)
+    # A layer's one-step bf16 differences (assert_bf16_equal) grow through the next layers: up
+    # to ~0.7% of the hidden states' largest value on an AVX512-BF16 CPU, where the adapter
+    # itself moves them by ~25% (median) and another input's product would move them as much.
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=0.02 * scale)
+    torch.testing.assert_close(wrong_got, want, rtol=0, atol=0.02 * scale)
     # One A matmul per group instead of one per member: 2 saved on q/k/v, 1 on gate/up.
     assert unfused_mm - fused_mm == 3 * len(decoder.layers)
     assert wrong_mm == unfused_mm  # q's share of [q; o] in one matmul, o's own: no saving
