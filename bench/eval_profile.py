@@ -41,16 +41,17 @@ from typing import Any
 import torch
 
 from bench.common import device_busy_s, git_commit, resolve_model
-from bench.eval_throughput import add_run_arguments, classifier_options, parse_config, read_data
+from bench.eval_throughput import (
+    add_run_arguments,
+    classifier_options,
+    parse_config,
+    read_data,
+    sync,
+)
 from nli.classifier import NLIClassifier
 from nli.cuda_graphs import GraphSettings
 from nli.evaluation import evaluate_dataset
 from nli.loading import load_base_model
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def best_of(

@@ -43,9 +43,10 @@ from nli.loading import load_base_model
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "snli" / "test.jsonl"
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def allocator_counts(device: torch.device) -> dict[str, int]:
@@ -61,13 +62,13 @@ def generate_baseline(classifier: NLIClassifier, pairs: list[tuple[str, str]]) -
     """Pairs/s of the naive approach: per-pair generate of a few tokens, then parse the text."""
     tokenizer, model = classifier.tokenizer, classifier.model
     encoded = classifier.encode(pairs)
-    sync()
+    sync(classifier.device)
     start = time.perf_counter()
     for ids in encoded:
         inputs = torch.tensor([ids], device=classifier.device)
         out = model.generate(inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
         tokenizer.decode(out[0, len(ids) :])
-    sync()
+    sync(classifier.device)
     return len(pairs) / (time.perf_counter() - start)
 
 
@@ -176,7 +177,7 @@ def main() -> None:
         collections: list[GcWatch] = []
         allocations: list[dict[str, int]] = []
         for _ in range(args.repeats + 1):  # the first pass warms up kernels (and compiles)
-            sync()
+            sync(base.device)
             before = allocator_counts(base.device)
             start = time.perf_counter()
             with GcWatch() as watch:
@@ -184,7 +185,7 @@ def main() -> None:
                     data, classifier.score_pairs, adapter=None, base_model=base.ref.name,
                     chunk_size=len(data.examples),
                 )  # fmt: skip
-                sync()
+                sync(base.device)
             seconds.append(time.perf_counter() - start)
             collections.append(watch)
             after = allocator_counts(base.device)

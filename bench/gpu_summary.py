@@ -207,7 +207,7 @@ def _timed_passes(row: dict[str, Any]) -> str:
 
 
 def _eval_rate(row: dict[str, Any], goal: int | None) -> str:
-    """The best pass's rate against the goal, and the median pass's where recorded."""
+    """The (best) pass's rate against the goal, and the median pass's where recorded."""
     rate = row["pairs_per_s"]
     text = f"{rate} pairs/s"
     if "median_pairs_per_s" in row:
@@ -249,7 +249,6 @@ def eval_profile_rows(r: dict[str, Any]) -> list[Row]:
     goes, and the whole pass's rate against the goal."""
     model = r["model"]
     goal = EVAL_GOAL.get(model)
-    rate = r["pairs_per_s"]
     details = (
         f"batch {r['batch_size']}, {r['pairs']} pairs: tokenising {r['encode_s']} s, "
         f"queuing {r['launch_s']} s, scoring {r['device_s']} s"
@@ -257,12 +256,11 @@ def eval_profile_rows(r: dict[str, Any]) -> list[Row]:
     if "kernel_s" in r:
         details += f" (GPU busy {r['kernel_s']} s)"
     details += f", whole pass {r['full_s']} s"
-    measured = f"{rate} pairs/s" + (f" ({mark(rate, goal)})" if goal else "")
     return [
         (
             f"eval profile {model} [{r['config']}]",
             f">= {goal} pairs/s" if goal else "-",
-            measured,
+            _eval_rate(r, goal),
             details,
         )
     ]
