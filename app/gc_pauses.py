@@ -1,4 +1,5 @@
-"""Garbage-collector pauses, timed into ``/metrics``.
+"""Garbage-collector pauses, timed: into ``/metrics`` by the service (``GCPauseTimer``), per
+evaluation pass by ``bench.eval_throughput`` (``CollectionTimer`` with its own tally).
 
 A full (generation 2) collection walks every object the collector tracks, with the interpreter
 lock held: no request moves meanwhile. With the offline default model, its tokenizer and the
@@ -13,17 +14,18 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Summary
 
 
-class GCPauseTimer:
-    """Times every collection into ``pauses`` (labelled by generation) while installed."""
+class CollectionTimer:
+    """Calls ``observe(generation, seconds)`` after every collection while installed
+    (``install`` / ``remove``, or as a ``with`` block)."""
 
-    def __init__(self, pauses: Summary) -> None:
-        self.pauses = pauses
-        self._children = {gen: pauses.labels(str(gen)) for gen in range(3)}
+    def __init__(self, observe: Callable[[int, float], None]) -> None:
+        self.observe = observe
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
@@ -31,7 +33,7 @@ class GCPauseTimer:
         if phase == "start":
             self._started = time.perf_counter()
         else:
-            self._children[info["generation"]].observe(time.perf_counter() - self._started)
+            self.observe(info["generation"], time.perf_counter() - self._started)
 
     def install(self) -> None:
         gc.callbacks.append(self)
@@ -39,3 +41,19 @@ class GCPauseTimer:
     def remove(self) -> None:
         if self in gc.callbacks:
             gc.callbacks.remove(self)
+
+    def __enter__(self) -> CollectionTimer:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class GCPauseTimer(CollectionTimer):
+    """Times every collection into ``pauses`` (labelled by generation) while installed."""
+
+    def __init__(self, pauses: Summary) -> None:
+        children = {gen: pauses.labels(str(gen)) for gen in range(3)}
+        super().__init__(lambda generation, seconds: children[generation].observe(seconds))
+        self.pauses = pauses

@@ -7,13 +7,11 @@ should not pay for torch.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,33 +99,6 @@ def latency_summary(seconds: list[float]) -> dict[str, float | int]:
     ms["max_ms"] = round(1000 * values[-1], 2) if values else float("nan")
     ms["mean_ms"] = round(1000 * sum(values) / len(values), 2) if values else float("nan")
     return {"n": len(values), **ms}
-
-
-class GcWatch:
-    """Counts the garbage collector's full collections, and the seconds spent in collections of
-    any generation, while the ``with`` block runs (through ``gc.callbacks``). A full collection
-    holds the interpreter lock for as long as it walks every tracked object (``nli.gc_freeze``):
-    a pass that took one is slower for it."""
-
-    def __init__(self) -> None:
-        self.full = 0
-        self.seconds = 0.0
-        self._started = 0.0
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-            return
-        self.seconds += time.perf_counter() - self._started
-        if info["generation"] == 2:
-            self.full += 1
-
-    def __enter__(self) -> GcWatch:
-        gc.callbacks.append(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self)
 
 
 def machine(device: str) -> str:

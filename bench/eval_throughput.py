@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from bench.common import GcWatch, git_commit, resolve_model
+from app.gc_pauses import CollectionTimer
+from bench.common import git_commit, resolve_model
 from nli.classifier import NLIClassifier
 from nli.cuda_graphs import GraphSettings
 from nli.data import NLIData, read_nli_file
@@ -56,6 +57,20 @@ def allocator_counts(device: torch.device) -> dict[str, int]:
         return {}
     stats = torch.cuda.memory_stats(device)
     return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_alloc_retries")}
+
+
+class PassCollections:
+    """One pass's garbage collections, fed by ``app.gc_pauses.CollectionTimer``: how many were
+    full (they walk every tracked object with the interpreter lock held, ``nli.gc_freeze``) and
+    the seconds spent in collections of any generation."""
+
+    def __init__(self) -> None:
+        self.full = 0
+        self.seconds = 0.0
+
+    def __call__(self, generation: int, seconds: float) -> None:
+        self.seconds += seconds
+        self.full += generation == 2
 
 
 def generate_baseline(classifier: NLIClassifier, pairs: list[tuple[str, str]]) -> float:
@@ -174,13 +189,14 @@ def main() -> None:
             graph_settings=graphs, **options,
         )  # fmt: skip
         seconds: list[float] = []
-        collections: list[GcWatch] = []
+        collections: list[PassCollections] = []
         allocations: list[dict[str, int]] = []
         for _ in range(args.repeats + 1):  # the first pass warms up kernels (and compiles)
             sync(base.device)
             before = allocator_counts(base.device)
             start = time.perf_counter()
-            with GcWatch() as watch:
+            watch = PassCollections()
+            with CollectionTimer(watch):
                 report = evaluate_dataset(
                     data, classifier.score_pairs, adapter=None, base_model=base.ref.name,
                     chunk_size=len(data.examples),

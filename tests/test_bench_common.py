@@ -1,13 +1,12 @@
-"""``bench.common``: kernel time counted once, garbage collections counted."""
+"""``bench.common.device_busy_s``: kernel time counted once."""
 
 from __future__ import annotations
 
-import gc
 from types import SimpleNamespace
 
 from torch.autograd import DeviceType
 
-from bench.common import GcWatch, device_busy_s
+from bench.common import device_busy_s
 
 
 def test_device_busy_counts_each_kernel_once() -> None:
@@ -23,17 +22,3 @@ def test_device_busy_counts_each_kernel_once() -> None:
         ),
     ]
     assert device_busy_s(table) == 3.0
-
-
-def test_gc_watch_counts_full_collections_only_inside_its_block() -> None:
-    with GcWatch() as watch:
-        gc.collect(0)
-        gc.collect(1)
-        assert watch.full == 0
-        gc.collect()
-        gc.collect(2)
-    assert watch.full == 2
-    assert watch.seconds > 0
-    assert watch not in gc.callbacks
-    gc.collect()  # after the block: not counted
-    assert watch.full == 2

@@ -3,11 +3,13 @@ CUDA-only parts are skipped there)."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
 import pytest
 
+from app.gc_pauses import CollectionTimer
 from bench import eval_profile, eval_throughput
 
 PAIRS = [
@@ -66,3 +68,18 @@ def test_throughput_gives_best_and_median_passes_and_their_collections(
     assert row["pairs_per_s"] >= row["median_pairs_per_s"]
     assert all(n >= 0 for n in row["gc_full"]) and all(s >= 0 for s in row["gc_s"])
     assert "num_device_alloc" not in row  # the CUDA allocator's counts: on CUDA only
+
+
+def test_a_pass_counts_full_collections_only_inside_its_block() -> None:
+    watch = eval_throughput.PassCollections()
+    with CollectionTimer(watch) as timer:
+        gc.collect(0)
+        gc.collect(1)
+        assert watch.full == 0
+        gc.collect()
+        gc.collect(2)
+    assert watch.full == 2
+    assert watch.seconds > 0
+    assert timer not in gc.callbacks
+    gc.collect()  # after the block: not counted
+    assert watch.full == 2
