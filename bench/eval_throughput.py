@@ -191,10 +191,11 @@ def main() -> None:
         seconds: list[float] = []
         collections: list[PassCollections] = []
         allocations: list[dict[str, int]] = []
+        cpu_seconds: list[float] = []
         for _ in range(args.repeats + 1):  # the first pass warms up kernels (and compiles)
             sync(base.device)
             before = allocator_counts(base.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             watch = PassCollections()
             with CollectionTimer(watch):
                 report = evaluate_dataset(
@@ -203,6 +204,7 @@ def main() -> None:
                 )  # fmt: skip
                 sync(base.device)
             seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
             collections.append(watch)
             after = allocator_counts(base.device)
             allocations.append({key: after[key] - before[key] for key in after})
@@ -223,6 +225,9 @@ def main() -> None:
                 # Per pass, as passes_s: full collections, and seconds in any collection.
                 "gc_full": [watch.full for watch in collections],
                 "gc_s": [round(watch.seconds, 3) for watch in collections],
+                # The process's CPU seconds (every thread) per pass: a slow pass that also
+                # used more CPU did more host work; one that did not waited for something.
+                "cpu_s": [round(x, 3) for x in cpu_seconds],
                 **allocator,
                 "accuracy": round(report["metrics"]["accuracy"], 4),
             }

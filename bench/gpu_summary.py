@@ -196,13 +196,15 @@ def train_rows(r: dict[str, Any]) -> list[Row]:
 
 def _timed_passes(row: dict[str, Any]) -> str:
     """ ", best of 2 passes (0.62, 0.65 s)" where the result lists its passes, plus the full
-    garbage collections per timed pass where it counted them."""
+    garbage collections and the process's CPU seconds per timed pass where it recorded them."""
     timed = row.get("passes_s", [])[1:]
     if len(timed) < 2:
         return ""
     text = f", best of {len(timed)} passes ({', '.join(str(s) for s in timed)} s)"
     if "gc_full" in row:
         text += f", full GCs per pass {', '.join(str(n) for n in row['gc_full'][1:])}"
+    if "cpu_s" in row:
+        text += f", CPU s per pass {', '.join(str(s) for s in row['cpu_s'][1:])}"
     return text
 
 

@@ -67,6 +67,8 @@ def test_throughput_gives_best_and_median_passes_and_their_collections(
     assert row["median_pairs_per_s"] == pytest.approx(9 / timed[1], rel=0.05)
     assert row["pairs_per_s"] >= row["median_pairs_per_s"]
     assert all(n >= 0 for n in row["gc_full"]) and all(s >= 0 for s in row["gc_s"])
+    # Every pass tokenises and scores on this CPU, so each one used CPU time.
+    assert len(row["cpu_s"]) == 4 and all(s > 0 for s in row["cpu_s"])
     assert "num_device_alloc" not in row  # the CUDA allocator's counts: on CUDA only
 
 

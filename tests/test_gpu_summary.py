@@ -97,15 +97,17 @@ def test_eval_rows_show_the_passes_the_best_came_from(
     assert got[3].endswith(tail)
 
 
-def test_eval_rows_give_the_median_pass_and_full_collections_when_recorded() -> None:
+def test_eval_rows_give_the_median_pass_collections_and_cpu_time_when_recorded() -> None:
     row = {"config": "prefix", "batch_size": 1024, "pairs": 9824, "accuracy": 0.328}
     row |= {"pairs_per_s": 16000, "median_pairs_per_s": 13000, "warmup_s": 8.0}
     row |= {"passes_s": [8.0, 0.614, 1.1, 0.756], "gc_full": [2, 0, 1, 0]}
+    row |= {"cpu_s": [20.5, 1.2, 1.9, 1.3]}
     result = {"benchmark": "eval_throughput", "model": "smollm2", "results": [row]}
     (got,) = gpu_summary.eval_rows(result)
     # The goal is judged on the best pass; the median stands beside it.
     assert got[2] == "16000 pairs/s best, 13000 median (met)"
-    assert got[3].endswith("best of 3 passes (0.614, 1.1, 0.756 s), full GCs per pass 0, 1, 0")
+    passes = "best of 3 passes (0.614, 1.1, 0.756 s), full GCs per pass 0, 1, 0"
+    assert got[3].endswith(passes + ", CPU s per pass 1.2, 1.9, 1.3")
 
 
 @pytest.mark.parametrize(
