@@ -12,11 +12,11 @@ start-up objects once, while its model lives (``freeze_startup_objects`` / ``tha
 ``nli.evaluation`` freezes for the length of one evaluation (``objects_frozen``).
 
 The collector has one permanent generation, so this module keeps count of its own freezes
-instead of reading ``gc.get_freeze_count()``: other code may have frozen objects before (the
-lent GPU machine's Python 3.12 held 375 frozen objects before a benchmark's first full
-collection, which made an earlier version of ``objects_frozen`` take them for a freeze in
-place and skip its own). Unfreezing hands every frozen object back, those others included;
-that costs nothing but a few hundred more objects in later collections.
+instead of reading ``gc.get_freeze_count()``: objects may be frozen before any of ours (the
+lent GPU machine's Python 3.12.3 starts with 375, even under ``python3 -I -S``, which made an
+earlier version of ``objects_frozen`` take them for a freeze in place and skip its own).
+Unfreezing hands every frozen object back, those others included; that costs nothing but a
+few hundred more objects in later collections.
 """
 
 from __future__ import annotations

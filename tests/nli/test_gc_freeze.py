@@ -14,6 +14,12 @@ from nli.evaluation import evaluate_dataset
 from nli.gc_freeze import freeze_startup_objects, objects_frozen, thaw
 
 
+@pytest.fixture(autouse=True)
+def nothing_frozen() -> None:
+    """Start each test with no object frozen: some interpreters start with a few hundred."""
+    gc.unfreeze()
+
+
 class Node:
     """An object that points at itself: only the cyclic collector can free it."""
 
