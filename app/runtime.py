@@ -118,7 +118,10 @@ class ModelRuntime:
                 dequantize=settings.dequantize,
             )
             classifier = NLIClassifier(
-                base, max_batch_size=settings.max_batch_size, cuda_graphs=settings.cuda_graphs
+                base,
+                max_batch_size=settings.max_batch_size,
+                cuda_graphs=settings.cuda_graphs,
+                cpu_merge=settings.cpu_merge,
             )
             engine = BatchEngine(
                 classifier,

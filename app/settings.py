@@ -72,6 +72,14 @@ class Settings(BaseSettings):
             "adapter (nli.cuda_graphs): one launch instead of ~1,500; adapter swaps keep them."
         ),
     )
+    cpu_merge: bool = Field(
+        True,
+        description=(
+            "On a CPU with a floating-point base (NLI_DEQUANTIZE=1, or no quantization), an "
+            "adapter that has been the only one of 8 batches in a row is merged into a copy of "
+            "the linear weights, and its requests skip PEFT's LoRA layers (nli.cpu_merge)."
+        ),
+    )
     cuda_graph_warmup_tokens: int = Field(
         128,
         ge=0,

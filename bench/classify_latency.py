@@ -313,6 +313,7 @@ class DirectScorer:
         quantization: str,
         dequantize: bool = False,
         cuda_graphs: bool = True,
+        cpu_merge: bool = True,
     ) -> None:
         from nli.classifier import NLIClassifier
         from nli.loading import load_base_model
@@ -324,7 +325,7 @@ class DirectScorer:
             dequantize=dequantize,
         )
         self.device = base.device
-        self.classifier: Any = NLIClassifier(base, cuda_graphs=cuda_graphs)
+        self.classifier: Any = NLIClassifier(base, cuda_graphs=cuda_graphs, cpu_merge=cpu_merge)
         self.adapter = None
         if adapter is not None:
             self.adapter = adapter.name
@@ -651,6 +652,7 @@ def main() -> None:
                 quantization=args.quantization,
                 dequantize=settings.get("NLI_DEQUANTIZE", "").lower() in ("1", "true", "yes"),
                 cuda_graphs=settings.get("NLI_CUDA_GRAPHS", "1").lower() in ("1", "true", "yes"),
+                cpu_merge=settings.get("NLI_CPU_MERGE", "1").lower() in ("1", "true", "yes"),
             )  # fmt: skip
         ready = wait_ready(url, server, args.ready_timeout)
         # since the server process started (the direct baseline's model loads meanwhile)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from nli import lora_fast_attach
+from nli.cpu_merge import SteadyMerge
 from nli.cuda_graphs import GraphSettings, SmallBatchGraphs
 from nli.errors import AdapterConflictError, AdapterInvalidError, AdapterNotFoundError
 from nli.layer_compile import LayerCompiledDecoder, compile_settings
@@ -113,6 +115,9 @@ class NLIClassifier:
       background thread while the device scores the previous chunk (0: tokenise everything
       first); the first chunk is one batch, so scoring starts early (``encode_chunks``). The
       default (None) is 4096 on CUDA and 0 on CPU, where both would compete for the same cores.
+    - ``cpu_merge``: on a CPU with a floating-point base, an adapter that has been the sole
+      adapter of several batches in a row is merged into a copy of the linear weights and its
+      batches skip PEFT's LoRA layers (``nli.cpu_merge``; up to the merged weights' rounding).
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class NLIClassifier:
         cuda_graphs: bool = False,
         graph_settings: GraphSettings | None = None,
         encode_chunk_size: int | None = None,
+        cpu_merge: bool = False,
     ) -> None:
         self.base = base
         self.model: Any = base.model
@@ -170,6 +176,9 @@ class NLIClassifier:
             self.graphs = SmallBatchGraphs(self.device, graph_settings)
         elif cuda_graphs:
             logger.info("cuda_graphs=True ignored: CUDA graphs need a CUDA device")
+        self.cpu_merge: SteadyMerge | None = None
+        if cpu_merge and self.device.type == "cpu":
+            self.cpu_merge = SteadyMerge()
 
     @property
     def base_model(self) -> str:
@@ -351,6 +360,8 @@ class NLIClassifier:
     def _forget_prefixes(self, name: str | None, *, everything: bool = False) -> None:
         # Attaching or detaching changes PEFT's state behind _select's back, too.
         self._selected = _UNKNOWN
+        if self.cpu_merge is not None:
+            self.cpu_merge.forget(name, everything=everything)
         if self.graphs is not None:
             self.graphs.forget(name, everything=everything)
         if self.prefix_cache is None:
@@ -515,32 +526,47 @@ class NLIClassifier:
                 return probs
         batch = collate(seqs, pad_id=self.tokenizer.pad_token_id, device=self.device)
         with self._forward_lock:
-            _, peft_model = split_peft(self.model)
+            causal_lm, peft_model = split_peft(self.model)
             prefixes = self._prefixes_for(peft_model, seqs, adapters, distinct)
             names = None
+            merged = None
             if peft_model is not None and len(distinct) > 1:
                 names = [PEFT_BASE_ROW if name is None else name for name in adapters]
                 self._select(peft_model, _PER_ROW)
             else:
-                self._select(peft_model, next(iter(distinct)))
+                only = next(iter(distinct))
+                if self.cpu_merge is not None and peft_model is not None:
+                    merged = self.cpu_merge.weights_for(causal_lm.get_decoder(), only)
+                # A merged adapter runs the base's forward on the merged copy: PEFT's layers off.
+                self._select(peft_model, None if merged is not None else only)
             # Compiled code would retrace per mix of per-row adapters: mixed batches stay eager.
             forward = self._compiled_forward() if names is None else None
-            if prefixes is None:
-                logits = label_logits(
-                    self.model, batch, self.tokens, adapter_names=names, decoder_forward=forward
-                )
-            else:
-                states, rows = prefixes
-                logits = prefixed_label_logits(
-                    self.model,
-                    batch,
-                    self.tokens,
-                    states,
-                    rows=rows,
-                    adapter_names=names,
-                    decoder_forward=forward,
-                )
+            with merged.hooked() if merged is not None else contextlib.nullcontext():
+                logits = self._label_logits(batch, prefixes, names, forward)
         return torch.softmax(logits, dim=-1)
+
+    def _label_logits(
+        self,
+        batch: Any,
+        prefixes: tuple[list[PrefixStates], torch.Tensor | None] | None,
+        names: list[str] | None,
+        forward: Callable[..., Any] | None,
+    ) -> torch.Tensor:
+        """The label logits of one collated batch, from its cached prefixes where it has them."""
+        if prefixes is None:
+            return label_logits(
+                self.model, batch, self.tokens, adapter_names=names, decoder_forward=forward
+            )
+        states, rows = prefixes
+        return prefixed_label_logits(
+            self.model,
+            batch,
+            self.tokens,
+            states,
+            rows=rows,
+            adapter_names=names,
+            decoder_forward=forward,
+        )
 
     def _select(self, peft_model: Any | None, target: str | None) -> None:
         """Put PEFT in the state a batch needs: ``None`` base, an adapter name, or ``_PER_ROW``.

@@ -341,3 +341,36 @@ def test_dequantized_service_scores_like_the_packed_one(
                 np.testing.assert_allclose(probs, reference([pair], adapter)[0], atol=2e-3)
     finally:
         client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merge", "no-merge"])
+def test_a_cpu_service_merges_its_steady_default_adapter(
+    tiny_llama_dir: Path, tmp_path: Path, adapter_store: Path, reference: Scores, merge: bool
+) -> None:
+    """``NLI_CPU_MERGE``: after a streak of requests for the default adapter it is scored from a
+    merged copy of the dequantized weights, with the scores it had before."""
+    from nli.cpu_merge import MERGE_AFTER
+    from tests.app.conftest import fill_adapters_dir
+
+    fill_adapters_dir(adapter_store, tmp_path / "adapters", ["alpha"])
+    settings = make_settings(
+        tiny_llama_dir, tmp_path, dequantize=True, default_adapter="alpha", cpu_merge=merge
+    )
+    client = start_client(settings)
+    try:
+        ready: list[Any] = []
+        client.app.state.runtime.on_ready(ready.append)  # type: ignore[attr-defined]
+        merger = ready[0].classifier.cpu_merge
+        for i in range(MERGE_AFTER + 2):
+            pair = PAIRS[i % 3]
+            body = classify(client, pair).json()
+            probs = [s["score"] for s in body["scores"]]
+            # Dequantized (2e-3 apart, test above) and merged: rounding apart, still far under
+            # the gap between two adapters.
+            np.testing.assert_allclose(probs, reference([pair], "alpha")[0], atol=5e-3)
+        if merge:
+            assert merger is not None and merger.holds is not None  # alpha's internal name
+        else:
+            assert merger is None
+    finally:
+        client.__exit__(None, None, None)

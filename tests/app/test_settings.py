@@ -60,6 +60,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         "NLI_DEQUANTIZE": "true",
         "NLI_CUDA_GRAPHS": "false",
         "NLI_CUDA_GRAPH_WARMUP_TOKENS": "0",
+        "NLI_CPU_MERGE": "false",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -72,6 +73,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert settings.dequantize is True
     assert settings.cuda_graphs is False  # default True
     assert settings.cuda_graph_warmup_tokens == 0  # default 128
+    assert settings.cpu_merge is False  # default True
     assert (settings.max_batch_size, settings.max_batch_wait_ms) == (8, 0.5)
     assert (settings.max_pairs_per_request, settings.max_text_chars) == (10, 100)
     assert (settings.max_upload_bytes, settings.eval_sync_max_rows) == (1000, 0)
