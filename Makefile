@@ -25,8 +25,10 @@ endif
 
 install: $(VENV)/.installed
 
-# NLI_DEQUANTIZE=1 as docker compose sets it: the same NF4 values held expanded, ~63 ms a request
-# on 2 CPU cores instead of ~92 ms packed (BENCHMARKS.md). Pass NLI_DEQUANTIZE=0 to keep them packed.
+# NLI_DEQUANTIZE=1 as docker compose sets it: the same NF4 values held expanded, 63-78 ms a request
+# on 2 CPU cores with the steady adapter merged (NLI_CPU_MERGE); ~92 ms packed on an Intel Xeon
+# (BENCHMARKS.md).
+# Pass NLI_DEQUANTIZE=0 to keep them packed.
 run: install
 	NLI_DEQUANTIZE=$${NLI_DEQUANTIZE:-1} $(VENV)/bin/nli-serve
 
