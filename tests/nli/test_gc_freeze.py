@@ -134,3 +134,29 @@ def test_an_evaluation_scores_with_the_objects_alive_before_it_frozen() -> None:
     assert report["n"] == 9 and len(seen) == 6  # 3 chunks, adapter and base
     assert all(count > 0 for count in seen)
     assert gc.get_freeze_count() == 0
+
+
+class WatchedExamples(list[Example]):
+    """The examples, noting whether objects were frozen whenever evaluation walked them."""
+
+    def __init__(self, examples: list[Example]) -> None:
+        super().__init__(examples)
+        self.frozen_while_read: list[bool] = []
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.frozen_while_read.append(gc.get_freeze_count() > 0)
+        return super().__iter__()
+
+
+def test_an_evaluation_is_frozen_from_reading_its_examples_to_its_report() -> None:
+    # Building the pairs and the report allocates as much as scoring does: a collection that
+    # has come due would go off there just as well.
+    examples = WatchedExamples([Example(f"p {i}", f"h {i}", i % 3) for i in range(9)])
+    data = NLIData(examples, dropped=0, source="test")
+    report = evaluate_dataset(
+        data, lambda pairs, adapter: np.tile([0.5, 0.3, 0.2], (len(pairs), 1)),
+        adapter="a", base_model="m", compare_base=True,
+    )  # fmt: skip
+    assert report["n"] == 9
+    assert examples.frozen_while_read and all(examples.frozen_while_read)
+    assert gc.get_freeze_count() == 0
