@@ -17,7 +17,9 @@ linear layers) take PEFT's path as before.
 Floating-point bases only (``NLI_DEQUANTIZE=1`` or an unquantized base): bitsandbytes' packed
 4-bit weights cannot hold a merge. The copy costs as much memory as the decoder's linear
 weights (SmolLM2 in bf16: ~0.2 GB). Scores differ from PEFT's unmerged LoRA by the rounding of
-the merged weights to the base's dtype, as on a GPU with the merged slot.
+the merged weights to the base's dtype, as on a GPU with the merged slot: for the shipped
+adapter on SNLI dev rows 0-3,999, 87.98% merged against 87.95% unmerged, the same label for
+3,973 of 4,000 pairs (``bench.merge_accuracy``).
 """
 
 from __future__ import annotations

@@ -85,3 +85,22 @@ def test_a_pass_counts_full_collections_only_inside_its_block() -> None:
     assert timer not in gc.callbacks
     gc.collect()  # after the block: not counted
     assert watch.full == 2
+
+
+def test_merge_accuracy_compares_peft_and_the_merged_copy(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import merge_accuracy
+    from tests.nli.adapters import make_adapter
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", seed=3)
+    out = tmp_path / "result.json"
+    argv = ["merge_accuracy", "--base-model", str(tiny_llama_dir), "--adapter", str(adapter)]
+    argv += ["--data", str(write_pairs(tmp_path)), "--rows", "6", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    merge_accuracy.main()
+    result = json.loads(out.read_text())
+    assert result["rows"] == 6 and 0 <= result["same_label"] <= 6
+    # Merged bf16 weights round once more than PEFT's layers: close, but not the same numbers.
+    assert 0 < result["max_prob_gap"] < 0.05
+    assert set(result["seconds"]) == {"peft", "merged"}
