@@ -20,6 +20,20 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "snli" / "test.jsonl"
 MODEL_CHOICES = "smollm2 | qwen2-1.5b | a model folder"
 
 
+def add_accuracy_arguments(parser: Any) -> None:
+    """The options of the accuracy checks (``bench.graph_accuracy``, ``bench.merge_accuracy``):
+    which pairs (default: SNLI dev rows 0-1,999, the shipped adapter's selection rows), which
+    adapter on which base, and where to write the result."""
+    from nli.default_model import DEFAULT_BASE_MODEL
+    from training.config import snli_dir
+
+    parser.add_argument("--data", type=Path, default=snli_dir() / "dev.jsonl")
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--adapter", type=Path, default=REPO_ROOT / "adapters" / "snli-smollm2")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+
+
 def random_qwen2_dir() -> Path:
     """Where the random Qwen2-1.5B-shaped model lives (built once per machine, for every bench)."""
     return Path(tempfile.gettempdir()) / "qwen2-1.5b-random"

@@ -16,28 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-from bench.common import REPO_ROOT
+from bench.common import add_accuracy_arguments
 from nli.classifier import NLIClassifier
 from nli.cpu_merge import SteadyMerge
 from nli.data import read_nli_file
-from nli.default_model import DEFAULT_BASE_MODEL
 from nli.loading import load_base_model
-from training.config import snli_dir
 
 BATCH = 64
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=snli_dir() / "dev.jsonl")
-    parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--adapter", type=Path, default=REPO_ROOT / "adapters" / "snli-smollm2")
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    add_accuracy_arguments(parser)
     args = parser.parse_args()
 
     base = load_base_model(args.base_model, device="cpu", dequantize=True)
