@@ -527,6 +527,13 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def env_flag(settings: dict[str, str], name: str, *, default: bool) -> bool:
+    """A boolean ``NLI_*`` setting of the server's environment, for the in-process baseline
+    (unset: the service's ``default``)."""
+    value = settings.get(name)
+    return default if value is None else value.lower() in ("1", "true", "yes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -650,9 +657,9 @@ def main() -> None:
             direct = DirectScorer(
                 base_model, found[0] if found else None, device=args.device,
                 quantization=args.quantization,
-                dequantize=settings.get("NLI_DEQUANTIZE", "").lower() in ("1", "true", "yes"),
-                cuda_graphs=settings.get("NLI_CUDA_GRAPHS", "1").lower() in ("1", "true", "yes"),
-                cpu_merge=settings.get("NLI_CPU_MERGE", "1").lower() in ("1", "true", "yes"),
+                dequantize=env_flag(settings, "NLI_DEQUANTIZE", default=False),
+                cuda_graphs=env_flag(settings, "NLI_CUDA_GRAPHS", default=True),
+                cpu_merge=env_flag(settings, "NLI_CPU_MERGE", default=True),
             )  # fmt: skip
         ready = wait_ready(url, server, args.ready_timeout)
         # since the server process started (the direct baseline's model loads meanwhile)

@@ -63,12 +63,17 @@ async def time_route(app: Any, path: str, payload: dict[str, Any], requests: int
 
 
 async def measure(model: str, requests: int, rounds: int) -> dict[str, Any]:
+    """Per route, microseconds a request: best and median of ``rounds``."""
+    with tempfile.TemporaryDirectory(prefix="nli-route-overhead-") as folder:
+        return await _measure(Path(folder), model, requests, rounds)
+
+
+async def _measure(work: Path, model: str, requests: int, rounds: int) -> dict[str, Any]:
     from app.main import create_app
     from app.runtime import ModelRuntime
     from app.settings import load_settings
     from nli.labels import build_result
 
-    work = Path(tempfile.mkdtemp(prefix="nli-route-overhead-"))
     settings = load_settings(
         base_model=model, device="cpu", default_adapter="base",
         data_dir=work / "data", adapters_dir=work / "adapters",

@@ -119,6 +119,7 @@ fi
 # step on the H100 host of 2329784).
 declare -A SWAPS=([smollm2]=5 [qwen2-1.5b]=3) # hot swaps per classify step, by model
 ADAPTERS=$(mktemp -d /tmp/nli-bench-adapters.XXXXXX) # not with the logs: ~400 MB of floats
+trap 'rm -rf "$ADAPTERS"' EXIT
 resolve="" premake=""
 [[ "$STEPS" == *qwen* ]] && resolve="smollm2 qwen2-1.5b"
 [[ "$STEPS" == *classify-smollm2* ]] && premake+=" smollm2:${SWAPS[smollm2]}"
